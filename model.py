@@ -1,0 +1,384 @@
+"""The SimpleAR language model: a Qwen2 decoder with a fused static KV cache.
+
+    python -m pytest tests/test_model.py          # parity with transformers, cache = no cache
+    python bench.py decode --layers 4             # cached CFG decode vs the transformers path
+
+SimpleAR adds no weights to Qwen2.5-Instruct: image codes are ordinary vocabulary rows
+(215,672 = 151,665 text + 7 special + 64,000 codes). So this file is a plain Qwen2 decoder
+that loads and saves Hugging Face checkpoints, plus two things generation needs:
+
+* one preallocated KV buffer for all layers, written in place at explicit cache columns.
+  Every call names the columns its tokens occupy (`input_pos`), so prefill, one-token decode,
+  a window of W tokens (Jacobi decoding) and rolling back (just write at earlier columns; a
+  query never sees a column after its own) are the same code path, and the shapes stay static
+  for torch.compile.
+* logits for a slice of vocabulary rows (`vocab=(lo, hi)`), because image sampling only needs
+  the 64,000 code rows and the full head is the largest matmul of a decode step.
+
+Prompts of different lengths share a batch by left padding: row b's tokens start at cache
+column `cache.start[b]`, its RoPE position is `column - start[b]` and columns left of `start[b]`
+are masked out. A row therefore computes exactly what it would compute alone.
+"""
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 215672
+    dim: int = 896
+    n_layers: int = 24
+    n_heads: int = 14
+    n_kv_heads: int = 2
+    intermediate_size: int = 4864
+    head_dim: int = 0  # 0: dim // n_heads, as in every Qwen2 config
+    rope_theta: float = 1e6
+    norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list[int] | None = 151645
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model config {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        if cfg.get("model_type") != "qwen2":
+            raise ValueError(f"config model_type is {cfg.get('model_type')!r}, expected 'qwen2'")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
+        # transformers >= 5 moves rope_theta into rope_parameters; only plain RoPE is supported
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"rope scaling {rope!r} is not supported")
+        return cls(
+            vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+            n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            intermediate_size=cfg["intermediate_size"], head_dim=cfg.get("head_dim") or 0,
+            rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
+
+    def to_hf_config(self, dtype: torch.dtype = torch.float32) -> dict:
+        return {
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+            "vocab_size": self.vocab_size, "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads, "intermediate_size": self.intermediate_size,
+            "head_dim": self.head_dim, "hidden_act": "silu", "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.norm_eps, "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "use_sliding_window": False,
+            "sliding_window": None, "max_window_layers": self.n_layers, "attention_dropout": 0.0,
+            "initializer_range": 0.02, "use_cache": True,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+        }
+
+
+PRESETS = {
+    # Qwen2.5-{0.5B,1.5B}-Instruct shapes with SimpleAR's vocabulary (simplear.md, section 1.3)
+    "simplear-0.5b": dict(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, intermediate_size=4864),
+    "simplear-1.5b": dict(dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, intermediate_size=8960),
+    # test sizes: 300 text ids + 7 special + 4,096 codes, laid out like SimpleAR's vocabulary
+    "tiny": dict(vocab_size=4403, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
+                 max_position_embeddings=2048, bos_token_id=None, eos_token_id=None),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # in float32 whatever the weights' dtype, as Qwen2 does: bf16 squares lose the mean
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [B, 1, T, head_dim] for integer positions pos [B, T], in Qwen2's half-rotation layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)
+    freqs = pos.float()[..., None] * inv_freq  # computed from scratch each call: exact, and cheap
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+        self.q_proj = nn.Linear(a.dim, a.n_heads * a.head_dim, bias=True)
+        self.k_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=True)
+        self.v_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=True)
+        self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, kv_cache=None, input_pos=None, kv_len=None):
+        B, T, _ = x.shape
+        hd, nkv = self.head_dim, self.n_kv_heads
+        rep = self.n_heads // nkv
+        q = self.q_proj(x).view(B, T, self.n_heads, hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is None and mask is None:  # training: plain causal attention
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            if kv_cache is not None:
+                k_cache, v_cache = kv_cache[0][:B], kv_cache[1][:B]
+                k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
+                v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
+                k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+            # Grouped-query attention without copying keys: fold the `rep` query heads that share a
+            # key head into the query length, so K/V are read once per key head.
+            q = q.reshape(B, nkv, rep * T, hd)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.repeat(1, 1, rep, 1))
+        y = y.reshape(B, self.n_heads, T, hd).transpose(1, 2).reshape(B, T, self.n_heads * hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.dim, a.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(a.dim, a.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(a.intermediate_size, a.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(a)
+        self.mlp = MLP(a)
+        self.input_layernorm = RMSNorm(a.dim, a.norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, kv_cache=None, input_pos=None, kv_len=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, input_pos, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache(nn.Module):
+    """Keys and values of every layer in one buffer [n_layers, 2, B, n_kv_heads, S, head_dim].
+
+    `start[b]` is the first cache column row b uses (left padding). Rows are independent, so a
+    prefilled row can be copied into others (a CFG pair, a GRPO group) instead of recomputed.
+    """
+
+    def __init__(self, a: ModelArgs, batch_size: int, max_seq_len: int, dtype, device):
+        super().__init__()
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        shape = (a.n_layers, 2, batch_size, a.n_kv_heads, max_seq_len, a.head_dim)
+        self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("start", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
+
+    def copy_rows(self, src, dst):
+        """Row dst[i] becomes a copy of row src[i] (all columns, all layers)."""
+        src = torch.as_tensor(src, device=self.kv.device)
+        dst = torch.as_tensor(dst, device=self.kv.device)
+        self.kv[:, :, dst] = self.kv[:, :, src]
+        self.start[dst] = self.start[src]
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.cache: KVCache | None = None
+        self.gradient_checkpointing = False
+
+    def head_weight(self):
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    # ----------------------------------------------------------------------------------------
+    # forward
+
+    def forward(self, tokens, input_pos=None, vocab=None, kv_len=None, last_only=False, start=None):
+        """Float32 logits [B, T, V] (V = hi - lo when vocab=(lo, hi); T = 1 when last_only).
+
+        Without input_pos: an uncached causal forward over positions 0..T-1 (row b starting at
+        column start[b] if given). With input_pos [T], the cache columns of these tokens: reads and
+        writes `self.cache`; each token sees the columns <= its own from its row's start on.
+        kv_len limits attention to the first kv_len cache columns (eager speed-up; leave it None
+        under torch.compile so shapes stay static).
+        """
+        h = self.hidden(tokens, input_pos, kv_len, start)
+        if last_only:
+            h = h[:, -1:]
+        return self.logits(h, vocab)
+
+    def logits(self, h, vocab=None):
+        """Head over vocabulary rows [lo, hi) only: a view of the weight, no copy."""
+        w = self.head_weight()
+        if vocab is not None:
+            w = w[vocab[0]:vocab[1]]
+        return F.linear(h, w).float()
+
+    def hidden(self, tokens, input_pos=None, kv_len=None, start=None):
+        """Final-norm hidden states [B, T, dim]."""
+        B, T = tokens.shape
+        device = tokens.device
+        x = self.embed_tokens(tokens)
+        mask = None
+        if input_pos is not None:
+            if self.cache is None:
+                raise ValueError("input_pos given but no cache: call setup_cache() first")
+            start = self.cache.start[:B]
+            kv_len = kv_len or self.cache.max_seq_len
+            cols = input_pos
+        elif start is not None:
+            cols, kv_len = torch.arange(T, device=device), T
+        if input_pos is not None or start is not None:
+            k = torch.arange(kv_len, device=device)
+            q = cols[:, None]
+            # a left-padding query sees only itself, so no row is all -inf (NaN) and padding never leaks
+            mask = ((k <= q) & (k >= start[:, None, None, None])) | (k == q)
+            pos = (cols[None, :] - start[:, None]).clamp(min=0)
+        else:
+            pos = torch.arange(T, device=device).expand(B, T)
+        cos, sin = rope_cos_sin(pos, self.args.head_dim, self.args.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            kv = None if input_pos is None else self.cache.kv[i]
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv, input_pos, kv_len)
+        return self.norm(x)
+
+    # ----------------------------------------------------------------------------------------
+    # cache
+
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> KVCache:
+        p = self.embed_tokens.weight
+        self.cache = KVCache(self.args, batch_size, max_seq_len, dtype or p.dtype, device or p.device)
+        return self.cache
+
+    def prefill(self, prompts: list[list[int]], vocab=None):
+        """Left-pads the prompts into cache rows 0..len-1 and runs them; returns the last logits [B, V]
+        and the next free column."""
+        T = max(len(p) for p in prompts)
+        if self.cache is None or len(prompts) > self.cache.batch_size or T > self.cache.max_seq_len:
+            raise ValueError("prefill does not fit the cache: call setup_cache() with enough rows/columns")
+        device = self.cache.kv.device
+        tokens = torch.zeros(len(prompts), T, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            tokens[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+            self.cache.start[b] = T - len(p)
+        logits = self(tokens, input_pos=torch.arange(T, device=device), vocab=vocab, kv_len=T, last_only=True)
+        return logits[:, 0], T
+
+    # ----------------------------------------------------------------------------------------
+    # Hugging Face checkpoints
+
+    @staticmethod
+    def hf_key(name: str) -> str:
+        return name if name.startswith("lm_head.") else "model." + name
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
+        path = str(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"no config.json in {path}")
+        try:
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+        args = ModelArgs.from_hf_config(cfg)
+        tensors = read_safetensors(path)
+        # tied unless the config unties it and the file holds its own head (simplear.md 1.3)
+        args.tie_word_embeddings = args.tie_word_embeddings or "lm_head.weight" not in tensors
+        if args.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+        with torch.device("meta"):
+            model = cls(args)
+        expected = {cls.hf_key(k): v.shape for k, v in model.state_dict().items()}
+        for k, shape in expected.items():
+            if k not in tensors:
+                raise ValueError(f"{path}: missing key {k} (expected shape {tuple(shape)})")
+            if tensors[k].shape != shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(shape)}")
+        unexpected = sorted(set(tensors) - set(expected))
+        if unexpected:
+            raise ValueError(f"{path}: unexpected key {unexpected[0]} (shape {tuple(tensors[unexpected[0]].shape)})")
+        state = {k: tensors[cls.hf_key(k)].to(device=device, dtype=dtype) for k in model.state_dict()}
+        model.load_state_dict(state, assign=True)
+        return model.eval()
+
+    def save_pretrained(self, path):
+        """config.json + model.safetensors in Hugging Face Qwen2 layout; files land by rename."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        state = {self.hf_key(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        dtype = self.embed_tokens.weight.dtype
+        save_file(state, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
+        with open(os.path.join(path, "config.json.tmp"), "w") as f:
+            json.dump(self.args.to_hf_config(dtype), f, indent=2)
+        if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
+            os.remove(os.path.join(path, "model.safetensors.index.json"))  # stale shards would shadow ours
+        for name in ("model.safetensors", "config.json"):
+            os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
+
+    def num_params(self, non_embedding=False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if non_embedding else n
+
+
+def read_safetensors(path: str) -> dict:
+    """All tensors of model.safetensors or of the shards named by model.safetensors.index.json."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        with open(index) as f:
+            files = [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    tensors = {}
+    for file in files:
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"missing weight shard {file}")
+        try:
+            tensors.update(load_file(file))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"cannot read {file} (truncated or corrupt?): {e}") from None
+    return tensors

@@ -1,0 +1,238 @@
+"""model.py against transformers' Qwen2 (the reference), and the cached paths against the uncached one."""
+import json
+import os
+
+import pytest
+import torch
+
+from model import ModelArgs, Transformer, read_safetensors
+
+transformers = pytest.importorskip("transformers")
+
+# SimpleAR-like vocabulary: 300 text ids + 7 special + 4,096 image codes
+VOCAB = 300 + 7 + 4096
+FIRST_IMAGE = 307
+
+
+def hf_config(tie=True, **kw):
+    cfg = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=96, rope_theta=1e6, rms_norm_eps=1e-6,
+               max_position_embeddings=512, tie_word_embeddings=tie, hidden_act="silu")
+    cfg.update(kw)
+    return transformers.Qwen2Config(**cfg)
+
+
+def random_hf(tie=True, seed=0, **kw):
+    torch.manual_seed(seed)
+    ref = transformers.Qwen2ForCausalLM(hf_config(tie, **kw)).float().eval()
+    with torch.no_grad():  # biases are zero at init: make them count
+        for n, p in ref.named_parameters():
+            if "bias" in n or "norm" in n:
+                p.normal_(0.0 if "bias" in n else 1.0, 0.1)
+    return ref
+
+
+def save_hf(ref, path, **kw):
+    ref.save_pretrained(path, **kw)
+    return str(path)
+
+
+@pytest.mark.parametrize("tie,heads,kv", [(True, 4, 2), (False, 4, 2), (True, 4, 4), (False, 8, 1)])
+def test_parity_with_transformers(tmp_path, tie, heads, kv):
+    ref = random_hf(tie, num_attention_heads=heads, num_key_value_heads=kv)
+    model = Transformer.from_pretrained(save_hf(ref, tmp_path))
+    assert (model.lm_head is None) == tie
+    tokens = torch.randint(0, VOCAB, (3, 37))
+    with torch.no_grad():
+        want = ref(tokens).logits.float()
+        got = model(tokens)
+    assert got.dtype == torch.float32 and got.shape == (3, 37, VOCAB)
+    assert (got - want).abs().max() < 1e-4
+
+
+def test_bf16_and_sharded_checkpoint_loads(tmp_path):
+    ref = random_hf(False)
+    ref.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="100KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    model = Transformer.from_pretrained(tmp_path)
+    assert model.embed_tokens.weight.dtype == torch.float32
+    tokens = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        want = ref.float()(tokens).logits
+    assert (model(tokens) - want).abs().max() < 1e-4
+
+
+def test_save_then_transformers_loads_same_logits(tmp_path):
+    torch.manual_seed(1)
+    for tie in (True, False):
+        model = Transformer(ModelArgs(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                      intermediate_size=96, tie_word_embeddings=tie)).eval()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "bias" in n:
+                    p.normal_(0, 0.1)
+        d = tmp_path / f"tie{tie}"
+        model.save_pretrained(d)
+        ref = transformers.Qwen2ForCausalLM.from_pretrained(d).eval()
+        tokens = torch.randint(0, VOCAB, (2, 21))
+        with torch.no_grad():
+            assert (model(tokens) - ref(tokens).logits).abs().max() < 1e-4
+        again = Transformer.from_pretrained(d)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_from_hf_config_and_presets():
+    a = ModelArgs.from_hf_config(hf_config().to_dict())
+    assert (a.vocab_size, a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim, a.rope_theta) == (VOCAB, 64, 2, 4, 2, 16, 1e6)
+    for name, total in (("simplear-0.5b", 551.1e6), ("simplear-1.5b", 1641.6e6)):
+        with torch.device("meta"):
+            m = Transformer(ModelArgs.from_name(name))
+        assert m.args.vocab_size == 215672
+        assert abs(m.num_params() - total) < 0.1e6  # simplear.md 1.3, tied head
+    with pytest.raises(ValueError, match="unknown model config"):
+        ModelArgs.from_name("nope")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs.from_name("tiny")).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "bias" in n:
+                p.normal_(0, 0.1)
+    return m
+
+
+@torch.no_grad()
+def test_prefill_and_decode_equal_uncached(tiny):
+    prompts = [[5, 9, 100, 7, 3], [8, 1, 2], [4, 4, 4, 4, 4, 4, 4]]
+    gen = torch.randint(0, tiny.args.vocab_size, (3, 6))
+    tiny.setup_cache(3, 64)
+    last, col = tiny.prefill(prompts)
+    for b, p in enumerate(prompts):  # each row alone, uncached, no padding
+        alone = tiny(torch.tensor([p]))
+        assert (last[b] - alone[0, -1]).abs().max() < 1e-4
+    for t in range(gen.shape[1]):
+        step = tiny(gen[:, t:t + 1], input_pos=torch.tensor([col + t]))
+        for b, p in enumerate(prompts):
+            full = tiny(torch.tensor([p + gen[b, :t + 1].tolist()]))
+            assert (step[b, 0] - full[0, -1]).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_window_decode_and_rollback(tiny):
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    tiny.setup_cache(1, 64)
+    _, col = tiny.prefill([prompt])
+    draft = torch.randint(0, tiny.args.vocab_size, (1, 5))
+    win = tiny(draft, input_pos=torch.arange(col, col + 5), kv_len=col + 5)
+    full = tiny(torch.tensor([prompt + draft[0].tolist()]))
+    assert (win - full[:, -5:]).abs().max() < 1e-4
+    # keep 2 of the 5 drafts, write 4 different tokens over the rest: no copy, just earlier columns
+    new = torch.randint(0, tiny.args.vocab_size, (1, 4))
+    win2 = tiny(new, input_pos=torch.arange(col + 2, col + 6))
+    full2 = tiny(torch.tensor([prompt + draft[0, :2].tolist() + new[0].tolist()]))
+    assert (win2 - full2[:, -4:]).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_copy_rows_and_vocab_slice(tiny):
+    tiny.setup_cache(6, 32)
+    cond, uncond = [7, 8, 9, 10], [11, 12]
+    _, col = tiny.prefill([cond, uncond])
+    tiny.cache.copy_rows([0, 0, 1, 1], [2, 4, 3, 5])  # rows 0,2,4 = cond; 1,3,5 = uncond
+    nxt = torch.randint(0, tiny.args.vocab_size, (6, 1))
+    lo, hi = FIRST_IMAGE, tiny.args.vocab_size
+    sliced = tiny(nxt, input_pos=torch.tensor([col]), vocab=(lo, hi))
+    assert sliced.shape == (6, 1, hi - lo)
+    for b in range(6):
+        p = cond if b % 2 == 0 else uncond
+        full = tiny(torch.tensor([p + [nxt[b, 0].item()]]))
+        assert (sliced[b, 0] - full[0, -1, lo:hi]).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_uncached_left_padding_matches_rows(tiny):
+    a, b = [1, 2, 3, 4, 5, 6], [7, 8, 9]
+    tokens = torch.tensor([a, [0, 0, 0] + b])
+    out = tiny(tokens, start=torch.tensor([0, 3]))
+    assert (out[1, 3:] - tiny(torch.tensor([b]))[0]).abs().max() < 1e-4
+    assert torch.isfinite(out).all()
+
+
+@torch.no_grad()
+def test_compiled_decode_does_not_recompile(tiny):
+    torch._dynamo.reset()
+    tiny.setup_cache(2, 32)
+    _, col = tiny.prefill([[1, 2, 3], [4, 5]])
+    step = torch.compile(tiny, dynamic=False)
+    eager_logits = []
+    tok = torch.tensor([[9], [9]])
+    counter = torch._dynamo.utils.counters
+    counter.clear()
+    for t in range(4):
+        out = step(tok, input_pos=torch.tensor([col + t]), vocab=(FIRST_IMAGE, tiny.args.vocab_size))
+        eager_logits.append(out)
+    frames = counter["stats"]["unique_graphs"]
+    assert frames == 1, f"compiled {frames} graphs for 4 decode steps"
+    # same as eager
+    tiny.setup_cache(2, 32)
+    tiny.prefill([[1, 2, 3], [4, 5]])
+    for t in range(4):
+        out = tiny(tok, input_pos=torch.tensor([col + t]), vocab=(FIRST_IMAGE, tiny.args.vocab_size))
+        assert (out - eager_logits[t]).abs().max() < 1e-4
+
+
+def test_loading_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Transformer.from_pretrained(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Transformer.from_pretrained(tmp_path)
+    ref = random_hf(False)
+    d = save_hf(ref, tmp_path / "ok")
+    # not a Qwen2 config
+    bad = tmp_path / "llama"
+    bad.mkdir()
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    json.dump({**cfg, "model_type": "llama"}, open(bad / "config.json", "w"))
+    with pytest.raises(ValueError, match="'llama'"):
+        Transformer.from_pretrained(bad)
+    # no weights
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Transformer.from_pretrained(_cfg_only(tmp_path / "noweights", cfg))
+    # truncated file
+    trunc = _cfg_only(tmp_path / "trunc", cfg)
+    data = open(os.path.join(d, "model.safetensors"), "rb").read()
+    open(trunc / "model.safetensors", "wb").write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        Transformer.from_pretrained(trunc)
+    # wrong shape: the file has intermediate size 96, the config says 128
+    shaped = _cfg_only(tmp_path / "shape", {**cfg, "intermediate_size": 128})
+    open(shaped / "model.safetensors", "wb").write(data)
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight has shape \(96, 64\), expected \(128, 64\)"):
+        Transformer.from_pretrained(shaped)
+    # missing and unexpected keys
+    from safetensors.torch import save_file
+    t = read_safetensors(d)
+    miss = _cfg_only(tmp_path / "miss", cfg)
+    save_file({k: v for k, v in t.items() if k != "model.norm.weight"}, miss / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing key model.norm.weight \(expected shape \(64,\)\)"):
+        Transformer.from_pretrained(miss)
+    extra = _cfg_only(tmp_path / "extra", cfg)
+    save_file({**t, "model.layers.0.self_attn.o_proj.bias": torch.zeros(64)}, extra / "model.safetensors")
+    with pytest.raises(ValueError, match="unexpected key model.layers.0.self_attn.o_proj.bias"):
+        Transformer.from_pretrained(extra)
+    # missing shard named by the index
+    sharded = tmp_path / "sharded"
+    ref.save_pretrained(sharded, max_shard_size="100KB")
+    shard = sorted(p for p in os.listdir(sharded) if p.endswith(".safetensors"))[0]
+    os.remove(sharded / shard)
+    with pytest.raises(FileNotFoundError, match=shard):
+        Transformer.from_pretrained(sharded)
+
+
+def _cfg_only(d, cfg):
+    d.mkdir()
+    json.dump(cfg, open(d / "config.json", "w"))
+    return d
