@@ -1,0 +1,390 @@
+"""Tests of data.py: python -m pytest -q tests/test_data.py (CPU, a few seconds)."""
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+CORPUS = [data.ShapesDataset(60, 16, seed=1)[i]["caption"] for i in range(60)] + data.STYLE_PREFIXES + [
+    data.NEGATIVE_PROMPT, "The quick brown fox jumps over the lazy dog. It's 2024; we'll see 3.14 apples!"]
+STRINGS = ["<|t2i|>A highly realistic image of a red circle<|soi|>", data.build_negative_prompt(),
+           "three blue squares", "it's   a  test\n\nwith\ttabs and 12345 digits", "café naïve e\u0301 東京 — ñ",
+           "<|im_start|>user\nhi<|im_end|><|endoftext|>", "<|t2i|><|soi|>", " leading and trailing  ", ""]
+
+
+# ----------------------------------------------------------------------------------------- text side
+@pytest.fixture(scope="module")
+def qwen_dirs(tmp_path_factory):
+    """A tiny Qwen2-style tokenizer saved the ways a Qwen2 checkpoint can be: tokenizer.json (fast save),
+    vocab.json + merges.txt with tokenizer_config.json's added_tokens_decoder, and with added_tokens.json."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("qwen")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(data.QWEN2_SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=600, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    os.makedirs(root / "slow")
+    bpe.model.save(str(root / "slow"))  # vocab.json + merges.txt, the special tokens not in the vocabulary (as Qwen2.5)
+    hf = transformers.Qwen2TokenizerFast.from_pretrained(str(root / "slow"))  # adds <|endoftext|> after the vocabulary
+    hf.add_tokens(["<|im_start|>", "<|im_end|>", *data.SPECIAL_TOKENS], special_tokens=True)
+    hf.save_pretrained(str(root / "fast"))
+    assert os.path.isfile(root / "fast" / "tokenizer.json")
+    decoder = {str(i): dict(content=t.content, lstrip=t.lstrip, rstrip=t.rstrip, normalized=t.normalized,
+                            single_word=t.single_word, special=t.special) for i, t in hf.added_tokens_decoder.items()}
+    (root / "slow" / "tokenizer_config.json").write_text(json.dumps(dict(added_tokens_decoder=decoder)))
+    os.makedirs(root / "slow_added")
+    for name in ("vocab.json", "merges.txt"):
+        (root / "slow_added" / name).write_bytes((root / "slow" / name).read_bytes())
+    (root / "slow_added" / "added_tokens.json").write_text(json.dumps({t.content: i for i, t in hf.added_tokens_decoder.items()}))
+    return hf, root
+
+
+def test_tokenizer_files_agree_with_transformers(qwen_dirs):
+    hf, root = qwen_dirs
+    expected = [hf(s)["input_ids"] for s in STRINGS]
+    for d in ("fast", "slow", "slow_added"):
+        tok = data.load_text_tokenizer(root / d)
+        assert len(tok.get_vocab()) == len(hf), d
+        assert [tok.encode(s).ids for s in STRINGS] == expected, d  # no BOS added, specials split out
+        assert tok.decode(tok.encode(STRINGS[4]).ids) == hf.decode(hf(STRINGS[4])["input_ids"])
+    ids = data.special_token_ids(tok)
+    assert [ids[t] for t in data.SPECIAL_TOKENS] == hf.convert_tokens_to_ids(data.SPECIAL_TOKENS)
+    assert data.pad_token_id(tok) == hf.convert_tokens_to_ids("<|endoftext|>")
+    assert data.encode_prompts(tok, ["a red circle"]) == [hf(STRINGS[0])["input_ids"]]
+    assert data.encode_negative(tok) == hf(data.build_negative_prompt())["input_ids"]
+
+
+def test_tokenizer_errors(qwen_dirs, tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        data.load_text_tokenizer(tmp_path)
+    _, root = qwen_dirs
+    bare = data.load_text_tokenizer(root / "fast")
+    bare = Tokenizer.from_str(bare.to_str().replace("<|soi|>", "<|xyz|>"))
+    with pytest.raises(ValueError, match="soi"):
+        data.special_token_ids(bare)
+    (tmp_path / "slow").mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / "slow" / name).write_bytes((root / "slow" / name).read_bytes())
+    (tmp_path / "slow" / "added_tokens.json").write_text(json.dumps({"<|endoftext|>": 10_000}))  # a gap
+    with pytest.raises(ValueError, match="endoftext"):
+        data.load_text_tokenizer(tmp_path / "slow")
+    tok = data.load_text_tokenizer(root / "slow_added")
+    n = tok.get_vocab_size()
+    (tmp_path / "slow" / "added_tokens.json").write_text("{}")  # Qwen2.5-Instruct: SimpleAR's tokens still to add
+    tok = data.load_text_tokenizer(tmp_path / "slow", add_special_tokens=True)
+    assert sorted(data.special_token_ids(tok).values()) == list(range(n - 10, n - 3))
+
+
+def test_templates_and_constants():
+    assert len(data.STYLE_PREFIXES) == 20 == len(set(data.STYLE_PREFIXES))
+    assert data.PROMPT_PREFIX in data.STYLE_PREFIXES and all(p.endswith(" ") for p in data.STYLE_PREFIXES)
+    assert data.build_prompt("a cat") == "<|t2i|>A highly realistic image of a cat<|soi|>"
+    assert data.build_prompt("a cat", prefix="") == "<|t2i|>a cat<|soi|>"
+    assert data.build_negative_prompt("bad") == "<|t2i|>bad<|soi|>"
+    assert data.build_negative_prompt().startswith("<|t2i|>An image of aerial view, overexposed")
+
+
+def test_image_id_mapping():
+    assert data.first_image_id(215672, 64000) == 151672
+    assert data.first_image_id(215672, 64000, n_text_tokens=151672) == 151672
+    for args in [(215672, 64000, 151673), (100, 100, None), (100, 0, None)]:
+        with pytest.raises(ValueError, match="leaves no room"):
+            data.first_image_id(*args)
+    codes = np.array([[0, 5], [63999, 7]], np.uint16)
+    tokens = data.codes_to_tokens(codes, 151672)
+    assert tokens.dtype == torch.long and tokens.tolist() == [[151672, 151677], [215671, 151679]]
+    assert data.tokens_to_codes(tokens, 151672, 64000).tolist() == codes.tolist()
+    for bad in (151671, 215672):
+        with pytest.raises(ValueError, match=str(bad)):
+            data.tokens_to_codes(torch.tensor([151672, bad]), 151672, 64000)
+
+
+# ----------------------------------------------------------------------------------------- training sequences
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return data.train_bpe_tokenizer(CORPUS, 400, tmp_path_factory.mktemp("bpe"))
+
+
+FIRST = 1000  # first image id of the test model: image tokens 1000..1099 for a 100-code codebook
+
+
+def items(n, h=2, seed=0):
+    """(captions, codes) pairs: a list is a dataset; two captions per item exercise the caption choice."""
+    rng = np.random.default_rng(seed)
+    return [([f"{i} red circles", f"item {i}"], rng.integers(0, 100, (h, h))) for i in range(n)]
+
+
+def test_sequence_layout(tok):
+    sp = data.special_token_ids(tok)
+    codes = np.array([[3, 1], [4, 1]])
+    ids, labels = data.make_sequence(tok, "a red circle", codes, FIRST)
+    text = tok.encode(data.PROMPT_PREFIX + "a red circle").ids
+    assert ids.tolist() == [sp["<|t2i|>"], *text, sp["<|soi|>"], 1003, 1001, 1004, 1001]
+    assert ids.tolist() == data.encode_prompts(tok, ["a red circle"])[0] + [1003, 1001, 1004, 1001]  # = one string
+    assert labels.tolist() == ids.tolist()  # loss on every token, text included
+    ids, labels = data.make_sequence(tok, "a red circle", codes, FIRST, prefix="A cinematic view of ", drop=True)
+    assert ids.tolist() == labels.tolist() == [sp["<|t2i|>"], sp["<|soi|>"], 1003, 1001, 1004, 1001]
+    ids, labels = data.make_sequence(tok, "a red circle", codes, FIRST, text_loss=False)
+    assert (labels[:-4] == -100).all() and labels[-4:].tolist() == [1003, 1001, 1004, 1001]
+
+
+def test_truncation_cuts_the_caption_only(tok):
+    codes = np.arange(16).reshape(4, 4)
+    full, _ = data.make_sequence(tok, "a red circle and a blue square and a green triangle", codes, FIRST)
+    n_prefix = len(tok.encode(data.PROMPT_PREFIX).ids)
+    for max_len in (len(full), len(full) - 3, 2 + n_prefix + 16):
+        ids, labels = data.make_sequence(tok, "a red circle and a blue square and a green triangle", codes, FIRST,
+                                         max_len=max_len)
+        assert len(ids) == max_len and ids[:max_len - 17].tolist() == full[:max_len - 17].tolist()
+        assert ids[-17:].tolist() == [full[-17].item()] + list(range(1000, 1016))  # <|soi|> and every code
+    with pytest.raises(ValueError, match="prefix"):
+        data.make_sequence(tok, "a red circle", codes, FIRST, max_len=2 + n_prefix + 15)
+    assert len(data.make_sequence(tok, "a red circle", codes, FIRST, drop=True, max_len=18)[0]) == 18
+    with pytest.raises(ValueError, match="16 image tokens"):
+        data.make_sequence(tok, "a red circle", codes, FIRST, drop=True, max_len=17)
+
+
+def unpadded(batch):
+    return [ids[m].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+
+
+def test_batches_padding_and_masks(tok):
+    loader = data.T2IBatches(items(8), tok, FIRST, 4, p_drop_cond=0.5, seed=3)
+    batch = next(iter(loader))
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.shape == labels.shape == mask.shape and ids.dtype == labels.dtype == torch.long and mask.dtype == torch.bool
+    lengths = mask.sum(1)
+    assert lengths.max() == ids.shape[1] and lengths.min() < ids.shape[1]  # right-padded to the longest
+    assert (mask == (torch.arange(ids.shape[1]) < lengths[:, None])).all()
+    assert (ids[~mask] == tok.token_to_id("<|endoftext|>")).all() and (labels[~mask] == -100).all()
+    assert (labels[mask] == ids[mask]).all()
+    assert ((ids[mask] >= FIRST).sum(0) == 4 * 4).all()  # every sample keeps its 4 image tokens
+    masked = next(iter(data.T2IBatches(items(8), tok, FIRST, 4, seed=3, text_loss=False)))
+    assert ((masked["labels"] >= FIRST) | (masked["labels"] == -100)).all() and (masked["labels"] >= FIRST).sum() == 16
+
+
+def test_dropout_rate_prefix_and_caption_choice(tok):
+    n, soi = 4000, tok.token_to_id("<|soi|>")
+    loader = data.T2IBatches([("x", np.zeros((1, 1), int))] * n, tok, FIRST, 500, seed=0, shuffle=False)
+    it = iter(loader)
+    seqs = [s for _ in range(n // 500) for s in unpadded(next(it))]
+    dropped = sum(s[1] == soi for s in seqs)
+    assert abs(dropped - 0.1 * n) < 4 * (n * 0.1 * 0.9) ** 0.5
+    prefixes = {tok.decode(s[1:-2]) for s in seqs if s[1] != soi}
+    assert prefixes == {p + "x" for p in data.STYLE_PREFIXES}  # all 20 drawn
+    fixed = data.T2IBatches(items(8), tok, FIRST, 8, prefixes=[""], p_drop_cond=0.0)
+    captions = {tok.decode(s[1:-5]) for s in unpadded(next(iter(fixed)))}
+    assert len(captions) == 8 and captions <= {c for caps, _ in items(8) for c in caps}
+    assert any(c.startswith("item") for c in captions) and any(c.endswith("circles") for c in captions)
+
+
+def test_shuffle_is_deterministic_and_two_ranks_equal_one(tok):
+    ds = items(21)  # 21 = 5 global batches of 4 + a dropped tail of 1
+    one = data.T2IBatches(ds, tok, FIRST, 4, seed=7)
+    ranks = [data.T2IBatches(ds, tok, FIRST, 2, seed=7, rank=r, world_size=2) for r in range(2)]
+    assert one.steps_per_epoch == ranks[0].steps_per_epoch == 5
+    it1, its = iter(one), [iter(r) for r in ranks]
+    seen = []
+    for step in range(10):  # two epochs
+        global_batch = unpadded(next(it1))
+        parts = [unpadded(next(it)) for it in its]
+        assert parts[0] + parts[1] == global_batch  # rank r's slice of the same global batch, same sequences
+        seen += [tuple(s[-4:]) for s in global_batch]  # the codes identify the item
+    first, second = seen[:20], seen[20:]
+    assert len(set(first)) == 20 == len(set(second)) and first != second  # no duplicates, reshuffled per epoch
+    again = iter(data.T2IBatches(ds, tok, FIRST, 4, seed=7))
+    assert [tuple(s[-4:]) for _ in range(5) for s in unpadded(next(again))] == first
+    assert list(data.T2IBatches(ds, tok, FIRST, 4, seed=8).order(0)) != list(one.order(0))
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        data.T2IBatches(items(3), tok, FIRST, 2, world_size=2)
+
+
+def test_state_dict_resumes_identically(tok):
+    ds = items(10)
+    loader = data.T2IBatches(ds, tok, FIRST, 3, seed=1, p_drop_cond=0.3)
+    it = iter(loader)
+    for _ in range(4):  # into the second epoch (3 steps per epoch)
+        next(it)
+    state = json.loads(json.dumps(loader.state_dict()))  # plain data: goes into a checkpoint as is
+    assert state == dict(epoch=1, position=3, seed=1, n=10)
+    expected = [next(it) for _ in range(5)]
+    assert loader.state_dict()["epoch"] == 3 and not torch.equal(expected[0]["input_ids"], expected[1]["input_ids"])
+    resumed = data.T2IBatches(ds, tok, FIRST, 3, seed=1, p_drop_cond=0.3)
+    resumed.load_state_dict(state)
+    for want, got in zip(expected, iter(resumed)):
+        assert all(torch.equal(want[k], got[k]) for k in want)
+    with pytest.raises(ValueError, match="seed"):
+        data.T2IBatches(ds, tok, FIRST, 3, seed=2).load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------- code shards
+class FakeVQ:
+    """Stand-in for CosmosTokenizer: code = mean grey level of each 16x16 patch, in 11 steps."""
+    spatial_compression, codebook_size = 16, 64000
+
+    def encode(self, x):
+        return ((F.avg_pool2d(x.mean(1, keepdim=True), 16)[:, 0] + 1) * 5).round().long()
+
+
+def _fallback_pil_to_tensor(img, size):  # only if cosmos_tokenizer.pil_to_tensor is not written yet
+    x = torch.from_numpy(np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC))).permute(2, 0, 1)
+    return x.float() / 127.5 - 1
+
+
+@pytest.fixture
+def pil_to_tensor(monkeypatch):
+    try:
+        from cosmos_tokenizer import pil_to_tensor  # noqa: F401
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "cosmos_tokenizer", types.SimpleNamespace(pil_to_tensor=_fallback_pil_to_tensor))
+
+
+def write_meta(root, n=7):
+    """n good records (grey level 51*(i % 6) -> code 2*(i % 6)) in folder images/, then a missing image,
+    a record without caption, a non-text caption, an unparsable line and a broken image file."""
+    os.makedirs(root / "images")
+    lines = []
+    for i in range(n):
+        Image.new("RGB", (32, 32), (51 * (i % 6),) * 3).save(root / "images" / f"{i}.png")
+        lines.append(json.dumps(dict(image=f"images/{i}.png", caption=f"grey {i}" if i % 2 else [f"grey {i}", f"g{i}"])))
+    (root / "images" / "broken.png").write_bytes(b"not a png")
+    lines += [json.dumps(dict(image="images/nope.png", caption="missing")), json.dumps(dict(image="images/0.png")),
+              json.dumps(dict(image="images/0.png", caption=[3])), "{not json", json.dumps(dict(image="images/broken.png", caption="x"))]
+    (root / "meta.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "meta.jsonl"
+
+
+def test_prepare_codes_shards_report_and_resume(tmp_path, pil_to_tensor, capsys):
+    meta, out = write_meta(tmp_path), tmp_path / "codes"
+    report = data.prepare_codes(meta, out, FakeVQ(), 32, shard_size=4, batch_size=3)
+    assert report["shards"] == [0, 1, 2] and report["encoded"] == 7
+    assert report["skipped"] == dict(missing_image=1, bad_record=2, caption_not_text=1, unreadable_image=1)
+    assert report["examples"]["missing_image"] == [7] and report["examples"]["bad_record"] == [8, 10]
+    assert json.loads((out / "report_rank0.json").read_text()) == report and "skipped" in capsys.readouterr().out
+    codes = np.load(out / "codes_00000.npy")
+    assert codes.dtype == np.uint16 and codes.shape == (4, 2, 2)
+    ds = data.CodeDataset(out)
+    assert len(ds) == 7 and ds.index["grid"] == [2, 2] and ds.index["resolution"] == 32
+    for i in range(7):
+        captions, c = ds[i]
+        assert captions == ([f"grey {i}"] if i % 2 else [f"grey {i}", f"g{i}"]) and (c == 2 * (i % 6)).all()
+    batch = next(iter(data.T2IBatches(ds, data.train_bpe_tokenizer(CORPUS, 300, tmp_path / "t"), FIRST, 7)))
+    assert batch["input_ids"].shape[0] == 7 and (batch["input_ids"] >= FIRST).sum() == 7 * 4
+    stamps = {p: os.stat(out / p).st_mtime_ns for p in ("codes_00000.npy", "codes_00002.npy", "captions_00002.json")}
+    os.remove(out / "codes_00001.npy")
+    report = data.prepare_codes(meta, out, FakeVQ(), 32, shard_size=4, batch_size=3)
+    assert report["shards"] == [1] and report["encoded"] == 3 and report["skipped"] == dict(missing_image=1)
+    assert stamps == {p: os.stat(out / p).st_mtime_ns for p in stamps} and len(data.CodeDataset(out)) == 7
+    with pytest.raises(ValueError, match="prepared with"):
+        data.prepare_codes(meta, out, FakeVQ(), 48, shard_size=4)
+    with pytest.raises(ValueError, match="resolution 40 .* 16"):
+        data.prepare_codes(meta, tmp_path / "other", FakeVQ(), 40)
+
+
+def test_prepare_codes_two_ranks(tmp_path, pil_to_tensor):
+    meta, out = write_meta(tmp_path), tmp_path / "codes"
+    r1 = data.prepare_codes(meta, out, FakeVQ(), 32, shard_size=2, rank=1, world_size=2)
+    assert r1["shards"] == [1, 3, 5] and not (out / "index.json").exists()  # waits for rank 0's shards
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        data.CodeDataset(out)
+    r0 = data.prepare_codes(meta, out, FakeVQ(), 32, shard_size=2, rank=0, world_size=2)
+    assert r0["shards"] == [0, 2, 4] and r0["encoded"] + r1["encoded"] == 7
+    assert [c for c, _ in data.CodeDataset(out)] == [[f"grey {i}"] if i % 2 else [f"grey {i}", f"g{i}"] for i in range(7)]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    cases = {"nope.jsonl": ["prepare", "--meta", str(tmp_path / "nope.jsonl"), "--vq", "x", "--resolution", "512", "--out", "o"],
+             "--vq": ["prepare", "--meta", "m"], "--n 0": ["shapes", "--out", str(tmp_path), "--n", "0"], "frobnicate": ["frobnicate"]}
+    for needle, argv in cases.items():
+        with pytest.raises(SystemExit) as e:
+            data.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("data.py") and needle in err, (argv, err)
+
+
+# ----------------------------------------------------------------------------------------- synthetic shapes
+def objects(img):
+    """Per palette colour: (pixel count, centroid x, y as fractions) of the rendered image."""
+    a = np.asarray(img)
+    out = {}
+    for name, rgb in data.PALETTE.items():
+        ys, xs = np.nonzero((a == rgb).all(-1))
+        if len(xs):
+            out[name] = (len(xs), (xs.mean() + 0.5) / a.shape[1], (ys.mean() + 0.5) / a.shape[0])
+    return out
+
+
+def test_shapes_render_exact_and_well_placed():
+    ds = data.ShapesDataset(120, 128, seed=0)
+    fill = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
+    for i in range(len(ds)):
+        item = ds[i]
+        a = np.asarray(item["image"])
+        colours = {tuple(c) for c in a.reshape(-1, 3)}
+        assert colours <= {data.BACKGROUND, *data.PALETTE.values()} and data.BACKGROUND in colours
+        assert (a[0] == data.BACKGROUND).all() and (a[-1] == data.BACKGROUND).all()  # fully inside the image
+        spec = item["spec"]
+        assert 1 <= len(spec) <= 4 and item["captions"][0] == item["caption"]
+        for j, o in enumerate(spec):
+            assert data.MIN_SIZE <= o["size"] <= data.MAX_SIZE
+            assert all(o["size"] / 2 < c < 1 - o["size"] / 2 for c in o["center"])
+            for b in spec[j + 1:]:
+                assert np.abs(np.subtract(o["center"], b["center"])).max() > (o["size"] + b["size"]) / 2
+        found = objects(item["image"])
+        if len({o["color"] for o in spec}) == len(spec):  # one object per colour: check its pixels
+            for o in spec:
+                n, x, y = found[o["color"]]
+                assert abs(n / (o["size"] * 128) ** 2 - fill[o["shape"]]) < 0.1
+                assert np.allclose((x, y), data.centroid(o), atol=0.02)
+        else:
+            assert sum(n for n, _, _ in found.values()) > 0
+        if item["category"] == "position":
+            a_, b_ = spec
+            rel = next(r for r in data.RELATIONS if f" {r} " in item["caption"])
+            (_, ax, ay), (_, bx, by) = found[a_["color"]], found[b_["color"]]
+            dx, dy = ax - bx, ay - by  # measured on pixels; y grows downwards
+            margin = 0.05
+            assert {"to the left of": dx < -margin, "to the right of": dx > margin,
+                    "above": dy < -margin, "below": dy > margin}[rel], (item["caption"], dx, dy)
+            assert {"to the left of": abs(dx) > abs(dy), "to the right of": abs(dx) > abs(dy),
+                    "above": abs(dy) > abs(dx), "below": abs(dy) > abs(dx)}[rel]
+        if item["category"] == "counting":
+            n = len(spec)
+            assert item["caption"].split()[0] == data.NUMBERS[n] and len({(o["shape"], o["color"]) for o in spec}) == 1
+    assert {ds[i]["category"] for i in range(6)} == set(data.CATEGORIES)
+    assert np.array_equal(np.asarray(ds[5]["image"]), np.asarray(data.ShapesDataset(120, 128, seed=0)[5]["image"]))
+    assert ds[5]["spec"] != data.ShapesDataset(120, 128, seed=1)[5]["spec"]
+
+
+def test_shapes_captions():
+    spec, canonical, captions = data.sample_scene(np.random.default_rng(0), "position")
+    assert canonical == captions[0] and len(captions) == len(set(captions)) > 1
+    with pytest.raises(ValueError, match="category"):
+        data.sample_scene(np.random.default_rng(0), "texture")
+    with pytest.raises(ValueError, match="hexagon"):
+        data.render_shapes([dict(shape="hexagon", color="red", center=[0.5, 0.5], size=0.3)], 32)
+    assert data._noun("circle", "orange") == "an orange circle" and data._noun("square", "red", 3) == "three red squares"
+
+
+def test_shapes_cli_and_bpe_tokenizer(tmp_path):
+    data.main(["shapes", "--out", str(tmp_path), "--n", "6", "--size", "48", "--vocab-size", "300"])
+    records = [json.loads(line) for line in (tmp_path / "meta.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all((tmp_path / r["image"]).is_file() for r in records)
+    assert Image.open(tmp_path / records[0]["image"]).size == (48, 48)
+    tok = data.load_text_tokenizer(tmp_path / "tokenizer")
+    ids = data.special_token_ids(tok)
+    assert sorted(ids.values()) == list(range(tok.get_vocab_size() - 7, tok.get_vocab_size()))  # after the vocabulary
+    assert tok.token_to_id("<|endoftext|>") == tok.get_vocab_size() - 8
+    prompt = data.build_prompt(records[0]["canonical"])
+    assert tok.decode(tok.encode(prompt).ids, skip_special_tokens=False) == prompt
+    assert tok.encode("emoji ✨ never seen").ids  # byte-level: any text encodes
