@@ -16,6 +16,14 @@ SimpleAR: 151665 Qwen2.5 tokens + 7 added). Labels equal the input ids, text inc
 on every token); label t is the target of the logits at t-1 (the Hugging Face convention: the loss shifts).
 At inference the prompt is "<|t2i|>A highly realistic image of {caption}<|soi|>" and the CFG branch gets
 the negative *text* prompt below, not the empty caption the dropout trained.
+
+    tok = load_text_tokenizer(ckpt_dir)
+    first = first_image_id(vocab_size, codebook_size, tok.get_vocab_size())
+    batches = iter(T2IBatches(CodeDataset(shard_dir), tok, first, batch_size, seed=0, rank=r, world_size=w))
+    batch = next(batches)  # input_ids, labels [B, T] long (-100 on padding), attention_mask [B, T] bool
+
+Each rank pads to its own longest sequence, so for DDP runs to equal one large batch the loss must be
+divided by the label count summed over all ranks, not averaged per rank.
 """
 import argparse
 import bisect
@@ -350,7 +358,8 @@ def prepare_codes(meta_path, out_dir, vq, resolution, shard_size=1024, batch_siz
     captions_k.json (list of caption lists). Finished shards are kept, so a rerun redoes only missing ones.
     Bad records and unreadable images are skipped and counted by reason (report_rank{r}.json). The rank that
     finds every shard present writes index.json; rerunning prepare on a finished directory writes it if absent.
-    vq: any object with .spatial_compression, .codebook_size and .encode(images [B, 3, R, R] in [-1, 1]) -> [B, h, w].
+    vq: any object with .spatial_compression and .encode(images [B, 3, R, R] in [-1, 1]) -> [B, h, w], and
+    .codebook_size (without it codes are stored as int32), e.g. a cosmos_tokenizer.CosmosTokenizer.
     """
     from cosmos_tokenizer import pil_to_tensor  # lazy: the rest of data.py needs no visual tokenizer
 
