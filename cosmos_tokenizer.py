@@ -67,12 +67,29 @@ class CosmosConfig:
             if not 0 <= downs <= max_downs:
                 raise ValueError(f"{name}={getattr(self, name)} needs {downs} resamplings after the "
                                  f"patch_size={self.patch_size} patcher; channels_mult allows 0..{max_downs}")
+        n_spatial, n_temporal = self.num_downs("spatial_compression"), self.num_downs("temporal_compression")
+        ups = [self.up_flags(i) for i in range(1, len(self.channels_mult))]
+        if sum(s for s, _ in ups) != n_spatial or sum(t for _, t in ups) != n_temporal:
+            raise ValueError(f"NVIDIA's decoder rule (legacy_mode={self.legacy_mode}) cannot undo {n_spatial} spatial "
+                             f"and {n_temporal} temporal downsamplings with channels_mult={self.channels_mult}")
         if self.embedding_dim != len(self.levels):
             raise ValueError(f"embedding_dim={self.embedding_dim} must equal len(levels)={len(self.levels)} "
                              "(FSQ without projections)")
 
     def num_downs(self, name: str) -> int:
         return int(math.log2(getattr(self, name))) - int(math.log2(self.patch_size))
+
+    def down_flags(self, i: int) -> tuple[bool, bool]:
+        """(spatial, temporal) downsampling after encoder level i < len(channels_mult) - 1: the first levels."""
+        return i < self.num_downs("spatial_compression"), i < self.num_downs("temporal_compression")
+
+    def up_flags(self, i: int) -> tuple[bool, bool]:
+        """(spatial, temporal) upsampling after decoder level i >= 1, NVIDIA's DecoderFactorized rule. Non-legacy
+        (the released files): time is upsampled where the encoder downsampled it; legacy: at the coarsest levels."""
+        n_spatial, n_temporal = self.num_downs("spatial_compression"), self.num_downs("temporal_compression")
+        rev = len(self.channels_mult) - 1 - i
+        temporal = rev < n_temporal if self.legacy_mode else 0 < rev < n_temporal + 1
+        return temporal or (rev < n_spatial and n_spatial > n_temporal), temporal
 
     @property
     def codebook_size(self) -> int:
@@ -327,7 +344,6 @@ class Encoder(nn.Module):
         super().__init__()
         self.patch_size = cfg.patch_size
         c, mults = cfg.channels, cfg.channels_mult
-        n_spatial, n_temporal = cfg.num_downs("spatial_compression"), cfg.num_downs("temporal_compression")
         self.conv_in = factorized_conv(cfg.in_channels * cfg.patch_size ** 3, c)
         # curr_res halves at every level, resampling or not, exactly as NVIDIA tracks it (decides attention)
         curr_res = cfg.resolution // cfg.patch_size
@@ -342,7 +358,7 @@ class Encoder(nn.Module):
                 if curr_res in cfg.attn_resolutions:
                     level.attn.append(attention_pair(block_in))
             if i != len(mults) - 1:
-                level.downsample = HybridDownsample(block_in, i < n_spatial, i < n_temporal)
+                level.downsample = HybridDownsample(block_in, *cfg.down_flags(i))
                 curr_res //= 2
             self.down.append(level)
         self.mid = _mid(block_in, cfg.dropout)
@@ -369,7 +385,6 @@ class Decoder(nn.Module):
         super().__init__()
         self.patch_size = cfg.patch_size
         c, mults, n = cfg.channels, cfg.channels_mult, len(cfg.channels_mult)
-        n_spatial, n_temporal = cfg.num_downs("spatial_compression"), cfg.num_downs("temporal_compression")
         block_in = c * mults[-1]
         curr_res = cfg.resolution // cfg.patch_size // 2 ** (n - 1)
         self.conv_in = factorized_conv(cfg.z_channels, block_in)
@@ -385,12 +400,7 @@ class Decoder(nn.Module):
                 if curr_res in cfg.attn_resolutions:
                     level.attn.append(attention_pair(block_in))
             if i != 0:
-                # Non-legacy: the temporal upsample sits where the encoder downsampled in time (the released files);
-                # legacy_mode puts it at the coarsest levels instead. Same rule as NVIDIA's DecoderFactorized.
-                rev = n - 1 - i
-                temporal = rev < n_temporal if cfg.legacy_mode else 0 < rev < n_temporal + 1
-                spatial = temporal or (rev < n_spatial and n_spatial > n_temporal)
-                level.upsample = HybridUpsample(block_in, spatial, temporal)
+                level.upsample = HybridUpsample(block_in, *cfg.up_flags(i))
                 curr_res *= 2
             up[i] = level
         self.up = nn.ModuleList(up)

@@ -134,6 +134,15 @@ def test_video_shapes_and_causality(tiny):
     torch.testing.assert_close(tiny.decode_video(idx)[:, :, 0], tiny.decode(idx[:, 0]), rtol=1e-4, atol=1e-4)
 
 
+def test_other_compressions_keep_their_shapes():
+    for kw, frames, latent in [({"temporal_compression": 4}, 9, (3, 4, 4)), ({"spatial_compression": 8}, 9, (2, 8, 8)),
+                               ({"spatial_compression": 8, "legacy_mode": True}, 17, (3, 8, 8))]:
+        tok = CosmosTokenizer(CosmosConfig(channels=4, num_res_blocks=1, **kw)).eval()
+        idx = tok.encode_video(torch.zeros(1, 3, frames, 64, 64))
+        assert idx.shape == (1, *latent), kw
+        assert tok.decode_video(idx).shape == (1, 3, frames, 64, 64), kw
+
+
 # --- the released DV8x16x16 layout ---------------------------------------------------------------------------------
 
 
@@ -340,6 +349,10 @@ def test_bad_directories_and_files(tmp_path, tiny):
         CosmosConfig.from_dict({"bogus": 1})
     with pytest.raises(ValueError, match="unknown Cosmos preset"):
         CosmosConfig.from_name("dv4x8x8")
+    with pytest.raises(ValueError, match="cannot undo 2 spatial and 2 temporal"):
+        CosmosConfig(temporal_compression=16)
+    with pytest.raises(ValueError, match="patch_method"):
+        CosmosConfig(patch_method="rearrange")
 
 
 def test_legacy_decoder_layout_is_named(tmp_path):
