@@ -570,7 +570,7 @@ class CosmosTokenizer(nn.Module):
         if not path.is_dir():
             raise FileNotFoundError(f"tokenizer directory not found: {path}")
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        config = _resolve_config(path, config)
+        config, config_origin = _resolve_config(path, config)
         wants = {"encoder": encoder, "decoder": decoder}
         serves = {}  # file -> the halves taken from it
         if (path / "model.safetensors").is_file():
@@ -599,7 +599,7 @@ class CosmosTokenizer(nn.Module):
               if _half_of(k) is None or _half_of(k) in serves[file] & halves}
         with torch.device("meta"):
             model = cls(config, encoder="encoder" in halves, decoder="decoder" in halves)
-        _load_exact(model, sd, ", ".join(str(f) for f in tensors), dtype, device)
+        _load_exact(model, sd, f"{', '.join(str(f) for f in tensors)} with {config_origin}", dtype, device)
         return model.eval()
 
     def save_pretrained(self, path):
@@ -613,11 +613,12 @@ class CosmosTokenizer(nn.Module):
         _atomic_write(path / "model.safetensors", lambda tmp: save_file(sd, str(tmp)))
 
 
-def _resolve_config(path: Path, config) -> CosmosConfig:
+def _resolve_config(path: Path, config) -> tuple[CosmosConfig, str]:
+    """The config and where it came from (for error messages)."""
     if isinstance(config, CosmosConfig):
-        return config
+        return config, "the config argument"
     if isinstance(config, str):
-        return CosmosConfig.from_name(config)
+        return CosmosConfig.from_name(config), f"preset {config}"
     cfg_file = path / "config.json"
     if cfg_file.is_file():
         try:
@@ -626,10 +627,10 @@ def _resolve_config(path: Path, config) -> CosmosConfig:
             raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
         # A config.json of another tool next to NVIDIA's .jit files is not ours; only ours carries this tag.
         if isinstance(d, dict) and d.get("model_type") == "cosmos_tokenizer":
-            return CosmosConfig.from_dict(d)
+            return CosmosConfig.from_dict(d), str(cfg_file)
         if (path / "model.safetensors").is_file():
             raise ValueError(f"{cfg_file}: not a cosmos_tokenizer config (model_type missing)")
-    return CosmosConfig.from_name("dv8x16x16")
+    return CosmosConfig.from_name("dv8x16x16"), "preset dv8x16x16 (no cosmos_tokenizer config.json; pass config=)"
 
 
 def _half_of(key: str):
@@ -745,13 +746,21 @@ def main(argv=None):
             img.load()
         except OSError as e:
             raise ValueError(f"cannot read image {args.image}: {e}") from e
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise ValueError(f"--device {args.device}: {e}") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device available")
+        out_path = Path(args.out)
+        if not out_path.parent.is_dir():
+            raise FileNotFoundError(f"output directory not found: {out_path.parent}")
         x = pil_to_tensor(img, args.size)
-        tok = CosmosTokenizer.from_pretrained(args.ckpt, dtype=args.dtype, device=args.device, config=args.config,
+        tok = CosmosTokenizer.from_pretrained(args.ckpt, dtype=args.dtype, device=device, config=args.config,
                                               encoder=True, decoder=True)
         codes = tok.encode(x[None])
         rec = tok.decode(codes)
         out = tensor_to_pil(rec)[0]
-        out_path = Path(args.out)
         _atomic_write(out_path, lambda tmp: out.save(tmp, format="PNG"))
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
