@@ -1,0 +1,533 @@
+"""Pretraining and SFT of SimpleAR: next-token cross-entropy over caption text and image codes, DDP-ready.
+
+    # from scratch, a tiny model on prepared code shards (python data.py shapes / prepare), one CPU process
+    python train.py --config tiny --tokenizer data/shapes/tokenizer --data data/shapes/codes --out runs/tiny --steps 2000
+    # SimpleAR's recipe from Qwen2.5-0.5B-Instruct (vocabulary extended on the way in), one node of 8 GPUs
+    torchrun --standalone --nproc_per_node=8 train.py --init Qwen2.5-0.5B-Instruct --data codes/512 --out runs/pt \
+        --batch-size 8 --grad-accum 2 --grad-checkpointing --compile
+    # the same command plus --resume continues from the last good checkpoint of --out, exactly
+    torchrun --standalone --nproc_per_node=8 train.py ... --resume
+    # two nodes: torchrun --nnodes=2 --node_rank={0,1} --master_addr=IP --master_port=29500 --nproc_per_node=8 train.py ...
+    python -m pytest -q tests/test_train.py
+
+The loop is nanoGPT's: DDP is on when torchrun sets RANK; every rank holds the whole model; a step is
+--grad-accum micro-batches of --batch-size per rank (global batch = batch x grad-accum x ranks) and gradients
+are all-reduced on the last micro-batch only. SimpleAR's settings are the defaults (simplear.md 5.3): AdamW,
+lr 1e-4 constant, weight decay 0.01 (not on biases), gradient clipping at 1.0, bf16 autocast on GPU.
+
+Checkpoints are Hugging Face directories that sample.py and transformers load as they are:
+    {out}/step_0001000/  config.json  model.safetensors  tokenizer.json  [tokenizer_config.json ...]  trainer.pt
+    {out}/latest         the name of the newest complete one
+trainer.pt holds what an exact resume needs: optimizer, scheduler, step, RNG states, data position, args.
+A checkpoint is written under a temporary name and renamed, and `latest` moves only afterwards, so a run
+killed mid-save leaves the previous checkpoint as the one --resume finds.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import data
+from model import ModelArgs, Transformer
+
+# tokenizer-side files of a Hugging Face checkpoint that travel with every checkpoint we write
+AUX_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like every CLI error of the project
+        print(f"train.py: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def get_parser():
+    p = Parser(description="SimpleAR pretraining / SFT", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--init", help="Hugging Face checkpoint directory to start from: Qwen2 (the vocabulary is extended "
+                                  "SimpleAR's way) or SimpleAR. Exactly one of --init / --config")
+    g.add_argument("--config", help="model.py preset to train from scratch (e.g. tiny, simplear-0.5b); its vocab size "
+                                    "becomes len(tokenizer) + codebook size")
+    g.add_argument("--tokenizer", help="directory with the tokenizer.json to use with --config")
+    g.add_argument("--codebook-size", type=int, default=0, help="image codes; 0: the data's index.json says")
+    for flag, field in (("--dim", "width"), ("--n-layers", "decoder blocks"), ("--n-heads", "query heads"),
+                        ("--n-kv-heads", "key/value heads"), ("--intermediate-size", "MLP width")):
+        g.add_argument(flag, type=int, default=0, help=f"with --config: override the preset's {field}; 0: keep it")
+    g.add_argument("--init-std", type=float, default=0.02, help="std of the normal init with --config (Qwen2's initializer_range)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="code-shard directory written by `python data.py prepare`")
+    g.add_argument("--val-data", help="held-out code-shard directory for --val-every")
+    g.add_argument("--val-frac", type=float, default=0.0, help="without --val-data: hold out this fraction of --data")
+    g.add_argument("--resolution", type=int, default=0, help="expected image size in pixels (checked against the data); 0: any")
+    g.add_argument("--max-len", type=int, default=0, help="longest sequence; the caption is cut to fit. 0: image tokens + 512, "
+                                                          "SimpleAR's model_max_length")
+    g.add_argument("--p-drop-cond", type=float, default=0.1, help="caption dropout for classifier-free guidance")
+    g.add_argument("--image-loss-only", action="store_true", help="targets are image tokens only (SimpleAR trains on text too)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=10000, help="optimizer steps of the whole run (the schedule's length)")
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per rank")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    g.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="after the warmup")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup from 0")
+    g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine ends at lr x this")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled decay (biases excluded)")
+    g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm; 0: off")
+    g.add_argument("--seed", type=int, default=0, help="init, data order, caption dropout and prefix draws")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--out", default="runs/train", help="checkpoint and log directory")
+    g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end); 0: at the end only")
+    g.add_argument("--keep", type=int, default=2, help="checkpoints to keep; 0: all")
+    g.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint directory, or (no value / auto) "
+                                                            "from {out}/latest when there is one")
+    g.add_argument("--stop-after", type=int, default=0, help="end this invocation after N steps with a checkpoint, "
+                                                             "schedule unchanged (time-limited jobs); 0: run to --steps")
+    g.add_argument("--log-every", type=int, default=10, help="JSONL log line every N steps")
+    g.add_argument("--val-every", type=int, default=0, help="validation loss every N steps (and at the end); 0: never")
+    g.add_argument("--val-samples", type=int, default=0, help="validate on the first N held-out samples; 0: all")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="autocast dtype; auto: bfloat16 on GPU, float32 on CPU. Weights and optimizer stay float32")
+    g.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in the backward pass")
+    g.add_argument("--loss-chunk", type=int, default=4096, help="tokens per logits chunk (memory: chunk x vocab floats)")
+    g.add_argument("--peak-flops", type=float, default=0.0, help="per-rank peak FLOP/s for MFU; 0: measure a matmul")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+# ----------------------------------------------------------------------------------------- model setup
+def init_weights(model: Transformer, std: float):
+    """Qwen2's init (transformers' _init_weights): normal(0, std) matrices and embeddings, zero biases, unit norms."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+def extend_vocab(model: Transformer, tok, codebook_size: int) -> int:
+    """SimpleAR's vocabulary extension of a plain Qwen2 checkpoint (simplear.md 1.5); returns the old text size.
+
+    The 7 SPECIAL_TOKENS get the ids right after the tokenizer's, then the vocabulary is resized to
+    len(tokenizer) + codebook_size. Qwen2.5's matrix has padding rows past len(tokenizer) (151936 vs 151665):
+    like SimpleAR (resize, then overwrite the last 7 + codebook rows) they are not kept. Every new row, in the
+    embedding and in an untied head, is the mean of the rows of the old tokenizer's ids.
+    """
+    n_old = tok.get_vocab_size(with_added_tokens=True)
+    if model.args.vocab_size < n_old:
+        raise ValueError(f"the checkpoint's vocab_size {model.args.vocab_size} is smaller than its tokenizer ({n_old})")
+    tok.add_special_tokens(data.SPECIAL_TOKENS)
+    ids = [tok.token_to_id(t) for t in data.SPECIAL_TOKENS]
+    if ids != list(range(n_old, n_old + len(ids))):
+        raise ValueError(f"SimpleAR's special tokens got ids {ids}, expected {n_old}..{n_old + len(ids) - 1}")
+    V = tok.get_vocab_size(with_added_tokens=True) + codebook_size
+
+    def grow(w):  # [V_old, D] -> [V, D]
+        new = torch.empty(V, w.shape[1], dtype=w.dtype, device=w.device)
+        new[:n_old] = w[:n_old]
+        new[n_old:] = w[:n_old].double().mean(0).to(w.dtype)
+        return nn.Parameter(new)
+
+    with torch.no_grad():
+        model.embed_tokens.weight = grow(model.embed_tokens.weight)
+        model.embed_tokens.num_embeddings = V
+        if model.lm_head is not None:
+            model.lm_head.weight = grow(model.lm_head.weight)
+            model.lm_head.out_features = V
+    model.args.vocab_size = V
+    return n_old
+
+
+def read_aux(path):
+    out = {}
+    for name in AUX_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            with open(os.path.join(path, name), "rb") as f:
+                out[name] = f.read()
+    return out
+
+
+def build_model(args, codebook_size):
+    """(model, tokenizer, aux files) for a fresh run, from --init or --config."""
+    if args.init:
+        tok = data.load_text_tokenizer(args.init)
+        model = Transformer.from_pretrained(args.init)
+        if tok.token_to_id("<|t2i|>") is None:  # a plain Qwen2: SimpleAR's detection
+            extend_vocab(model, tok, codebook_size)
+        aux = read_aux(args.init)
+    else:
+        if not args.tokenizer:
+            raise ValueError("--config needs --tokenizer DIR (a tokenizer.json, e.g. from `python data.py shapes`)")
+        tok = data.load_text_tokenizer(args.tokenizer, add_special_tokens=True)
+        shape = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size") if getattr(args, k)}
+        preset = asdict(ModelArgs.from_name(args.config))
+        preset.update(shape, vocab_size=tok.get_vocab_size(with_added_tokens=True) + codebook_size, head_dim=0)
+        margs = ModelArgs(**preset)  # head_dim 0: dim // n_heads again
+        torch.manual_seed(args.seed)
+        model = Transformer(margs)
+        init_weights(model, args.init_std)
+        aux = {}
+    return model, tok, aux
+
+
+# ----------------------------------------------------------------------------------------- loss
+class NextTokenLoss(nn.Module):
+    """Summed next-token cross-entropy of a batch; DDP wraps this module because it only syncs what its forward ran.
+
+    The head runs on target positions only (padding never reaches it) and in chunks of `chunk` tokens whose
+    logits are recomputed in the backward pass, so memory holds one chunk x vocab of fp32 logits, not
+    B x T x 215k (nanochat #443).
+    """
+
+    def __init__(self, model: Transformer, chunk: int):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def chunk_loss(self, h, y):
+        return F.cross_entropy(self.model.logits(h), y, reduction="sum")  # logits() is fp32 even under autocast
+
+    def forward(self, input_ids, labels):
+        # right padding and causal attention: real tokens never see the padding, so no attention mask is needed
+        h = self.model.hidden(input_ids)[:, :-1]  # [B, T-1, D]: position t predicts token t+1
+        y = labels[:, 1:]
+        keep = y != -100
+        h, y = h[keep], y[keep]  # [N, D], [N]
+        loss = h.sum() * 0.0  # keeps the graph even with no targets
+        if len(y) <= self.chunk:
+            return loss + self.chunk_loss(h, y)
+        for s in range(0, len(y), self.chunk):
+            loss = loss + checkpoint(self.chunk_loss, h[s:s + self.chunk], y[s:s + self.chunk], use_reentrant=False)
+        return loss
+
+
+def lr_factor(step, schedule, warmup, total, min_ratio):
+    """Multiplier of --lr at optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------- throughput
+def measure_matmul_flops(device="cpu", dtype=torch.float32, n=None, iters=5) -> float:
+    """Best FLOP/s of an n x n matmul on this device: the peak that MFU is measured against."""
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for i in range(iters + 2):  # the first two warm up
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        if i >= 2:
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def flops_per_token(a: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM appendix B): 6 x matmul weights + 12 x layers x attention width x context.
+    The head counts once whether tied or not: it is a matmul either way; the embedding lookup is free."""
+    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    per_layer = a.dim * (2 * q + 2 * kv) + 3 * a.dim * a.intermediate_size
+    return 6 * (a.n_layers * per_layer + a.dim * a.vocab_size) + 12 * a.n_layers * q * seq_len
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(out, step, model, tok, aux, trainer_state, keep):
+    """{out}/step_N: written as {out}/.step_N.tmp, renamed, then {out}/latest names it; older ones pruned."""
+    name = f"step_{step:07d}"
+    tmp, final = os.path.join(out, f".{name}.tmp"), os.path.join(out, name)
+    for d in os.listdir(out):  # debris of a save that was killed
+        if d.startswith(".step_"):
+            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+    for n, content in aux.items():
+        with open(os.path.join(tmp, n), "wb") as f:
+            f.write(content)
+    torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
+    if os.path.exists(final):  # a rerun from an older checkpoint reaches this step again
+        old = os.path.join(out, f".{name}.old")
+        os.replace(final, old)
+        shutil.rmtree(old)
+    os.replace(tmp, final)
+    with open(os.path.join(out, "latest.tmp"), "w") as f:
+        f.write(name + "\n")
+    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+    if keep > 0:
+        done = sorted(d for d in os.listdir(out) if d.startswith("step_") and os.path.isfile(os.path.join(out, d, "trainer.pt")))
+        for d in done[:-keep]:
+            shutil.rmtree(os.path.join(out, d))
+    return final
+
+
+def find_resume(args):
+    """The checkpoint directory --resume asks for, or None to start fresh."""
+    if args.resume is None:
+        return None
+    path = args.resume
+    if args.resume == "auto":
+        latest = os.path.join(args.out, "latest")
+        if not os.path.isfile(latest):
+            return None
+        with open(latest) as f:
+            path = os.path.join(args.out, f.read().strip())
+    if not os.path.isfile(os.path.join(path, "trainer.pt")):
+        raise FileNotFoundError(f"--resume {path}: not a train.py checkpoint (no trainer.pt)")
+    return path
+
+
+def rng_state():
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ----------------------------------------------------------------------------------------- data
+def load_data(args, train_ds, tok, first_id, rank, world, max_len):
+    """(training batch stream, validation pass factory or None)."""
+    val = data.CodeDataset(args.val_data) if args.val_data else None
+    if val is not None and (val.index.get("grid"), val.index.get("codebook_size")) != (train_ds.index.get("grid"), train_ds.index.get("codebook_size")):
+        raise ValueError(f"--val-data {args.val_data} (grid {val.index.get('grid')}) does not match --data (grid {train_ds.index.get('grid')})")
+    if val is None and args.val_frac > 0:  # a seeded split: every rank and every resume holds out the same samples
+        perm = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        k = max(1, round(args.val_frac * len(train_ds)))
+        train_ds, val = torch.utils.data.Subset(train_ds, sorted(perm[k:])), torch.utils.data.Subset(train_ds, sorted(perm[:k]))
+    common = dict(text_loss=not args.image_loss_only, max_len=max_len)
+    # The loader yields a rank's whole share of a step (batch x grad-accum) and the loop splits it into micro-batches:
+    # epochs then end on step boundaries, so accumulating k micro-batches is exactly one k times larger batch.
+    loader = data.T2IBatches(train_ds, tok, first_id, args.batch_size * args.grad_accum, seed=args.seed,
+                             p_drop_cond=args.p_drop_cond, rank=rank, world_size=world, **common)
+
+    def val_batches():
+        # one pass without caption dropout, the same samples and sequences whatever the number of ranks:
+        # rank r takes samples r, r + world, ...; the caller sums losses and target counts over ranks
+        vl = data.T2IBatches(val, tok, first_id, 1, seed=args.seed, p_drop_cond=0.0, shuffle=False, **common)
+        mine = list(range(rank, min(len(val), args.val_samples or len(val)), world))
+        for s in range(0, len(mine), args.batch_size):
+            yield data.collate([vl.sequence(0, p, p) for p in mine[s:s + args.batch_size]], vl.pad_id)
+
+    return loader, (val_batches if val is not None else None)
+
+
+def check_data(args, index, codebook_size, max_pos):
+    """The data's own record (index.json) against the flags and the model; returns the longest sequence."""
+    res, grid = index["resolution"], index["grid"]
+    if args.resolution and res != args.resolution:
+        raise ValueError(f"--resolution {args.resolution} but {args.data} holds codes of {res}px images (grid {grid[0]}x{grid[1]})")
+    if index.get("codebook_size", codebook_size) != codebook_size:
+        raise ValueError(f"{args.data} holds codes of a {index['codebook_size']}-code visual tokenizer, "
+                         f"but --codebook-size is {codebook_size}")
+    n_image = grid[0] * grid[1]
+    max_len = min(args.max_len or n_image + 512, max_pos)
+    if n_image + 2 > max_len:
+        raise ValueError(f"{n_image} image tokens (grid {grid[0]}x{grid[1]}) and 2 special tokens do not fit a sequence "
+                         f"of {max_len} (--max-len {args.max_len}, model max_position_embeddings {max_pos})")
+    return max_len
+
+
+def split(batch, b):
+    """Micro-batches of b rows, each cut to its own longest sequence (right padding)."""
+    out = []
+    for i in range(0, len(batch["input_ids"]), b):
+        T = int(batch["attention_mask"][i:i + b].sum(1).max())
+        out.append({k: v[i:i + b, :T] for k, v in batch.items()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------- main
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no GPU is visible")
+    ddp = "RANK" in os.environ  # torchrun sets it
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    master = rank == 0
+    try:
+        train(args, rank, world, device, master)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line, exit 2, like every CLI of the project
+        if master:
+            print(f"train.py: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def train(args, rank, world, device, master):
+    for name in ("steps", "batch_size", "grad_accum", "loss_chunk"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.resolution and args.resolution % 16:
+        raise ValueError(f"--resolution {args.resolution} is not divisible by 16 (the visual tokenizer's downsampling)")
+    if args.init and not os.path.isdir(args.init):
+        raise FileNotFoundError(f"--init {args.init}: no such checkpoint directory")
+    train_ds = data.CodeDataset(args.data)  # memory-mapped codes + captions; raises on a missing or broken directory
+    codebook_size = args.codebook_size or train_ds.index.get("codebook_size", 64000)
+    resume = find_resume(args)
+    if resume:  # everything comes from the checkpoint: weights, tokenizer, aux files
+        model, tok, aux = Transformer.from_pretrained(resume), data.load_text_tokenizer(resume), read_aux(resume)
+    elif bool(args.init) == bool(args.config):
+        raise ValueError("give exactly one of --init DIR (a Hugging Face checkpoint) or --config NAME (from scratch)")
+    else:
+        model, tok, aux = build_model(args, codebook_size)
+    n_text = tok.get_vocab_size(with_added_tokens=True)
+    first_id = data.first_image_id(model.args.vocab_size, codebook_size, n_text)
+    data.special_token_ids(tok)  # raises unless the tokenizer has SimpleAR's tokens
+    max_len = check_data(args, train_ds.index, codebook_size, model.args.max_position_embeddings)
+    loader, val_batches = load_data(args, train_ds, tok, first_id, rank, world, max_len)
+
+    model.to(device).train()
+    model.gradient_checkpointing = args.grad_checkpointing
+    if args.compile:  # per block: the state dict keeps its names and the chunked loss stays eager
+        for layer in model.layers:
+            layer.compile()
+    loss_model = NextTokenLoss(model, args.loss_chunk)
+    ddp_model = DDP(loss_model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else loss_model
+    amp_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "float32": None, "bfloat16": torch.bfloat16}[args.dtype]
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+
+    # HF Trainer's grouping (SimpleAR): decay everything but biases (its RMSNorm weights do decay)
+    params = dict(model.named_parameters())
+    groups = [dict(params=[p for n, p in params.items() if not n.endswith("bias")], weight_decay=args.weight_decay),
+              dict(params=[p for n, p in params.items() if n.endswith("bias")], weight_decay=0.0)]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, args.schedule, args.warmup_steps, args.steps, args.min_lr_ratio))
+    step = 0
+    if resume:
+        state = torch.load(os.path.join(resume, "trainer.pt"), map_location="cpu", weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+        saved = state["world_size"] * state["args"]["batch_size"] * state["args"]["grad_accum"]
+        if saved != world * args.batch_size * args.grad_accum:  # ranks x batch x accum may change, their product not
+            raise ValueError(f"{resume} was trained with a global batch of {saved}, this run has "
+                             f"{world} ranks x {args.batch_size} x {args.grad_accum} accumulation")
+
+    # MFU's peak: every rank measures at once, so ranks sharing a CPU share its cores as they will in training
+    peak = torch.tensor(args.peak_flops or measure_matmul_flops(device, amp_dtype or torch.float32), dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(peak)
+    peak = peak.item()
+    if master:
+        os.makedirs(args.out, exist_ok=True)
+        n_params = model.num_params()
+        print(f"{'resuming from ' + resume if resume else 'starting'}: {n_params / 1e6:.2f}M parameters, vocab "
+              f"{model.args.vocab_size} (image ids from {first_id}), {len(loader.dataset)} training samples, global batch "
+              f"{args.batch_size * args.grad_accum * world} = {args.batch_size} x {args.grad_accum} accum x {world} ranks")
+    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    bar = tqdm(total=args.steps, initial=step, disable=not master or args.no_progress, dynamic_ncols=True)
+
+    def save(step):
+        if master:
+            state = dict(step=step, optimizer=opt.state_dict(), scheduler=sched.state_dict(), loader=loader.state_dict(),
+                         rng=rng_state(), args=vars(args), world_size=world)
+            path = save_checkpoint(args.out, step, model, tok, aux, state, args.keep)
+            bar.write(f"step {step}: saved {path}")
+        if dist.is_initialized():
+            dist.barrier()  # nobody runs ahead (or exits) while rank 0 writes
+
+    def validate():
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, target tokens
+        with torch.no_grad(), autocast:
+            for batch in val_batches():
+                ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+                total += torch.stack([loss_model(ids, labels).double(), (labels[:, 1:] != -100).sum().double()])
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        model.train()
+        return (total[0] / total[1]).item()
+
+    it = iter(loader)
+    end = min(args.steps, step + args.stop_after) if args.stop_after else args.steps
+    while step < end:
+        t0 = time.perf_counter()
+        micro = split(next(it), args.batch_size)
+        # The loss is the mean over every target token of the global batch. Normalising each micro-batch's sum
+        # by the step's global token count (not by its own count) makes 2 ranks x b or 2 x b accumulated
+        # exactly 1 rank x 2b. DDP averages gradients over ranks, hence the factor world.
+        stats = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
+                              sum(b["input_ids"].numel() for b in micro), 0.0], dtype=torch.float64, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(stats[:2])
+        n_targets = stats[0].item()
+        for i, b in enumerate(micro):
+            if ddp_model is not loss_model:  # all-reduce gradients on the last micro-batch only (what no_sync toggles)
+                ddp_model.require_backward_grad_sync = i == len(micro) - 1
+            with autocast:
+                loss = ddp_model(b["input_ids"].to(device, non_blocking=True), b["labels"].to(device, non_blocking=True))
+            (loss * (world / n_targets)).backward()
+            stats[2] += loss.detach().double()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip) if args.grad_clip > 0 else None
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if dist.is_initialized():
+            dist.all_reduce(stats[2:])  # the loss only, for the log (a sync point, one float)
+        loss_value = stats[2].item() / n_targets
+        dt = time.perf_counter() - t0
+        tokens_per_s = stats[1].item() / dt  # all ranks, padding included: the work done
+        seq_len = max(b["input_ids"].shape[1] for b in micro)
+        mfu = flops_per_token(model.args, seq_len) * tokens_per_s / peak
+        record = dict(step=step, loss=round(loss_value, 6), lr=lr, tokens_per_s=round(tokens_per_s, 1), mfu=round(mfu, 4))
+        if grad_norm is not None:
+            record["grad_norm"] = round(grad_norm.item(), 4)
+        if val_batches and args.val_every and (step % args.val_every == 0 or step == args.steps):
+            record["val_loss"] = round(validate(), 6)
+        if master:
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", mfu=f"{mfu:.1%}")
+            bar.update(1)
+            if step % args.log_every == 0 or step == end or "val_loss" in record:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+        if step == end or (args.save_every and step % args.save_every == 0):
+            save(step)
+    bar.close()
+    if log:
+        log.close()
+
+
+if __name__ == "__main__":
+    main()
