@@ -10,6 +10,7 @@ Each grid size runs in its own process so that the peak resident memory (ru_maxr
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -27,6 +28,8 @@ def _cosmos_child(args):
     from cosmos_tokenizer import CosmosConfig, CosmosTokenizer
 
     dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     if args.ckpt:
@@ -61,7 +64,9 @@ def bench_cosmos(args):
     if args.child_grid:
         return _cosmos_child(args)
     passthrough = ["--batch", str(args.batch), "--repeat", str(args.repeat), "--preset", args.preset,
-                   "--device", args.device, "--dtype", args.dtype] + (["--ckpt", args.ckpt] if args.ckpt else [])
+                   "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
+    passthrough += ["--ckpt", args.ckpt] if args.ckpt else []
+    load_before = os.getloadavg()[0]
     rows = []
     for g in args.grids:
         cmd = [sys.executable, __file__, "cosmos", "--child-grid", str(g)] + passthrough
@@ -73,7 +78,8 @@ def bench_cosmos(args):
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     source = args.ckpt or f"{args.preset} (random weights)"
     print(f"cosmos decoder {source}: {rows[0]['params'] / 1e6:.1f}M params, {args.device} {args.dtype}, "
-          f"batch {args.batch}, {rows[0]['threads']} threads, best of {args.repeat}")
+          f"batch {args.batch}, {rows[0]['threads']} threads, best of {args.repeat}, "
+          f"1-min load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{'grid':>7} {'image':>10} {'decode s':>9} {'s/1k tok':>9} {'x first':>8} {'peak RSS GiB':>13} "
           f"{'RSS over weights':>17}" + (f" {'CUDA peak GiB':>14}" if rows[0]["cuda_peak_gib"] is not None else ""))
     base = rows[0]["decode_s"] / rows[0]["grid"] ** 2
@@ -99,6 +105,7 @@ def main(argv=None):
     p.add_argument("--ckpt", default=None, help="tokenizer directory (decoder.jit or ours) instead of random weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--child-grid", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(func=bench_cosmos)
 

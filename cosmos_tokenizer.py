@@ -546,7 +546,7 @@ class CosmosTokenizer(nn.Module):
     # --- image API: one-frame videos -------------------------------------------------------------------------------
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """float [B, 3, H, W] in [-1, 1] (H, W multiples of 16) -> long [B, H/16, W/16]."""
+        """float [B, 3, H, W] in [-1, 1] (H, W multiples of 16) -> long [B, H/16, W/16] on the model's device."""
         self._check_pixels(images, video=False)
         return self.encode_video(images.unsqueeze(2))[:, 0]
 
@@ -569,7 +569,9 @@ class CosmosTokenizer(nn.Module):
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"tokenizer directory not found: {path}")
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
         config, config_origin = _resolve_config(path, config)
         wants = {"encoder": encoder, "decoder": decoder}
         serves = {}  # file -> the halves taken from it
@@ -607,10 +609,10 @@ class CosmosTokenizer(nn.Module):
         from safetensors.torch import save_file
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        cfg = {"model_type": "cosmos_tokenizer", **self.config.to_dict()}
-        _atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(cfg, indent=2) + "\n"))
         sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         _atomic_write(path / "model.safetensors", lambda tmp: save_file(sd, str(tmp)))
+        cfg = {"model_type": "cosmos_tokenizer", **self.config.to_dict()}
+        _atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(cfg, indent=2) + "\n"))
 
 
 def _resolve_config(path: Path, config) -> tuple[CosmosConfig, str]:

@@ -354,6 +354,8 @@ def test_bad_directories_and_files(tmp_path, tiny):
     (tmp_path / "decoder.jit").write_bytes(b"this is not a zip archive")
     with pytest.raises(ValueError, match="decoder.jit: not a readable TorchScript file"):
         CosmosTokenizer.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="dtype"):
+        CosmosTokenizer.from_pretrained(tmp_path, dtype="float33")
     with pytest.raises(ValueError, match="unknown CosmosConfig keys: bogus"):
         CosmosConfig.from_dict({"bogus": 1})
     with pytest.raises(ValueError, match="unknown Cosmos preset"):
