@@ -1,0 +1,249 @@
+"""sample.py: the decode loop against a slow uncached reference, the sampling primitives, the CLI."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cosmos_tokenizer import CosmosTokenizer, tensor_to_uint8
+from data import load_text_tokenizer
+from fixtures import write_tiny_lm, write_tiny_vq
+from model import ModelArgs, Transformer
+from sample import (cfg_combine, check_sampling, default_repetition_penalty, filter_logits, generate, guided_scores,
+                    main, text_to_image)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP's spinning threads slow them 4x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+TEXT, CODES = 307, 64  # 300 text ids + 7 special tokens, then a 64-code book (levels [4, 4, 4])
+
+
+def tiny_lm(vocab=TEXT + CODES, seed=0):
+    torch.manual_seed(seed)
+    m = Transformer(ModelArgs(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
+                              bos_token_id=None, eos_token_id=None)).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "bias" in n:
+                p.normal_(0, 0.1)
+    return m
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm()
+
+
+@torch.no_grad()
+def slow_greedy(model, prompt, negative, n_tokens, cfg, penalty):
+    """SimpleAR's HF path recomputed from scratch for every token, on the full vocabulary: penalty on
+    every id of the conditional input (prompt text included), log-softmax, guidance, then the text
+    rows masked out (where SimpleAR would clamp) and argmax."""
+    out = []
+    for _ in range(n_tokens):
+        ids = prompt + [TEXT + c for c in out]
+        cond = model(torch.tensor([ids]))[0, -1]
+        uncond = model(torch.tensor([negative + [TEXT + c for c in out]]))[0, -1]
+        hit = torch.zeros_like(cond, dtype=torch.bool)
+        hit[torch.tensor(ids)] = True
+        cond = torch.where(hit, torch.where(cond > 0, cond / penalty, cond * penalty), cond)
+        lc, lu = cond.log_softmax(-1), uncond.log_softmax(-1)
+        scores = lu + cfg * (lc - lu)
+        scores[:TEXT] = float("-inf")
+        out.append(int(scores.argmax()) - TEXT)
+    return out
+
+
+@pytest.mark.parametrize("cfg,penalty", [(6.0, 1.1), (1.0, 1.0), (3.0, 2.0)])
+def test_greedy_equals_slow_reference(lm, cfg, penalty):
+    prompts = [[301, 5, 17, 9, 302], [301, 44, 302], [301, 5, 17, 9, 302]]
+    negative = [301, 8, 8, 2, 11, 302, 7]
+    codes = generate(lm, prompts, negative, TEXT, CODES, 12, seeds=[0, 1, 2], cfg=cfg, top_k=1,
+                     repetition_penalty=penalty, progress=False)
+    assert codes.shape == (3, 12) and codes.dtype == torch.long
+    for p, got in zip(prompts, codes.tolist()):
+        assert got == slow_greedy(lm, p, negative, 12, cfg, penalty)
+    if penalty == 2.0:  # strong enough to matter: greedy without it repeats more
+        assert codes.tolist() != generate(lm, prompts, negative, TEXT, CODES, 12, [0, 1, 2], cfg=cfg, top_k=1,
+                                          progress=False).tolist()
+
+
+@torch.no_grad()
+def test_cfg_on_image_rows_equals_full_vocab_formula(lm):
+    cond = lm(torch.tensor([[301, 5, 17, 9, 302]]))[0, -1]
+    uncond = lm(torch.tensor([[301, 8, 302]]))[0, -1]
+    for s in (0.0, 1.0, 6.0):
+        lc, lu = cond.log_softmax(-1), uncond.log_softmax(-1)
+        by_hand = lu + s * (lc - lu)
+        want = by_hand[TEXT:].softmax(-1)  # full-vocab guidance, text rows masked, renormalised
+        got = cfg_combine(cond[TEXT:], uncond[TEXT:], s).softmax(-1)
+        assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(cfg_combine(cond, uncond, 1.0), cond.log_softmax(-1))
+
+
+def test_filter_logits_matches_transformers_warpers():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    x = torch.randn(4, CODES) * 3
+    ids = torch.zeros(4, 1, dtype=torch.long)
+    for t, k, p in [(0.7, 10, 1.0), (1.0, None, 0.8), (1.3, 20, 0.5), (1.0, 1, 1.0), (2.0, CODES + 5, 0.05)]:
+        want = x / t
+        if k is not None:
+            want = transformers.TopKLogitsWarper(min(k, CODES))(ids, want)
+        if p < 1:
+            want = transformers.TopPLogitsWarper(p)(ids, want)
+        assert torch.equal(filter_logits(x, t, k, p), want)
+
+
+def test_sampled_codes_are_always_image_codes(lm):
+    prompts = [[301, 5, 302], [301, 6, 7, 8, 302]]
+    for t, k, p in [(1.0, None, 1.0), (5.0, None, 1.0), (0.2, 3, 1.0), (1.0, 1000, 0.3), (10.0, 2, 0.9)]:
+        codes = generate(lm, prompts, [301, 302], TEXT, CODES, 8, [3, 4], cfg=6.0, temperature=t, top_k=k, top_p=p,
+                         progress=False)
+        assert codes.min() >= 0 and codes.max() < CODES
+    # a model that prefers text tokens by far still samples codes
+    biased = tiny_lm()
+    with torch.no_grad():
+        biased.embed_tokens.weight[:TEXT] *= 50
+    codes = generate(biased, prompts, [301, 302], TEXT, CODES, 8, [3, 4], temperature=5.0, progress=False)
+    assert codes.min() >= 0 and codes.max() < CODES
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    torch.manual_seed(1)
+    cond, uncond = torch.randn(2, CODES), torch.randn(2, CODES)
+    seen = torch.zeros(2, CODES, dtype=torch.bool)
+    s = guided_scores(cond, uncond, seen, cfg=4.0, top_k=5)
+    assert (torch.isfinite(s).sum(-1) == 5).all()
+    best = guided_scores(cond, uncond, seen, cfg=4.0).argmax(-1)
+    only_best = guided_scores(cond, uncond, seen, cfg=4.0, top_p=1e-6).isfinite()
+    assert torch.equal(only_best, torch.nn.functional.one_hot(best, CODES).bool())
+
+
+def test_same_seed_same_codes_and_batch_independence(lm):
+    a, b, neg = [301, 5, 17, 302], [301, 9, 9, 9, 9, 9, 302], [301, 8, 302]
+    kw = dict(cfg=6.0, top_k=40, top_p=0.95, repetition_penalty=1.1, progress=False)
+    together = generate(lm, [a, a, b, b], neg, TEXT, CODES, 10, [0, 1, 0, 1], **kw)
+    assert torch.equal(together, generate(lm, [a, a, b, b], neg, TEXT, CODES, 10, [0, 1, 0, 1], **kw))
+    assert torch.equal(together[:2], generate(lm, [a, a], neg, TEXT, CODES, 10, [0, 1], **kw))
+    assert torch.equal(together[3:], generate(lm, [b], neg, TEXT, CODES, 10, [1], **kw))
+    assert not torch.equal(together[0], together[1])  # seeds differ → images differ
+
+
+def test_bad_settings_raise():
+    for kw, match in [(dict(cfg=-1), "guidance"), (dict(temperature=0), "temperature"), (dict(top_k=0), "top-k"),
+                      (dict(top_p=0), "top-p"), (dict(top_p=1.5), "top-p"), (dict(repetition_penalty=0), "penalty")]:
+        with pytest.raises(ValueError, match=match):
+            check_sampling(**kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# strings → PNGs, with checkpoints in the real formats
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    return write_tiny_lm(root / "lm"), write_tiny_vq(root / "vq")
+
+
+def test_cli_end_to_end(ckpts, tmp_path):
+    lm, vq = ckpts
+    (tmp_path / "prompts.txt").write_text("A red circle!\n\n  two dogs  \n")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "sample.py", "--prompt", "a cat wearing a hat", "--prompts-file",
+                        str(tmp_path / "prompts.txt"), "--ckpt", lm, "--vq", vq, "--size", "64", "--n", "2",
+                        "--batch-size", "3", "--out", str(out), "--grid", "--save-codes", "--device", "cpu"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(r"6 images, 96 tokens in [\d.]+ s LM \(\d+ tok/s\) \+ [\d.]+ s decoder",
+                        r.stdout.strip().splitlines()[-1])
+    stems = [f"{s}_s0_{j}" for s in ("a-cat-wearing-a-hat", "a-red-circle", "two-dogs") for j in (0, 1)]
+    assert sorted(os.listdir(out)) == sorted(["grid.png"] + [s + e for s in stems for e in (".png", ".npy")])
+    pngs = [np.asarray(Image.open(out / f"{s}.png")) for s in stems]
+    assert all(p.shape == (64, 64, 3) and p.dtype == np.uint8 for p in pngs)
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert np.array_equal(grid, np.concatenate([np.concatenate(pngs[i:i + 2], 1) for i in (0, 2, 4)], 0))
+    decoder = CosmosTokenizer.from_pretrained(vq)
+    for s, png in zip(stems, pngs):  # the saved codes decode to the saved image
+        codes = np.load(out / f"{s}.npy")
+        assert codes.shape == (4, 4) and codes.min() >= 0 and codes.max() < 64
+        again = tensor_to_uint8(decoder.decode(torch.from_numpy(codes)[None]))[0]
+        assert np.abs(again.astype(int) - png).max() <= 1
+
+
+def test_same_seed_same_png_bytes(ckpts, tmp_path, capsys):
+    lm, vq = ckpts
+    run = lambda out, seed: main(["--prompt", "a cat", "--ckpt", lm, "--vq", vq, "--size", "32", "--n", "2",
+                                  "--seed", str(seed), "--out", str(tmp_path / out), "--device", "cpu"])
+    run("a", 0), run("b", 0), run("c", 1)
+    read = lambda out, seed, j: (tmp_path / out / f"a-cat_s{seed}_{j}.png").read_bytes()
+    assert read("a", 0, 0) == read("b", 0, 0) and read("a", 0, 1) == read("b", 0, 1)
+    assert read("a", 0, 0) != read("a", 0, 1)
+    assert read("a", 0, 1) == read("c", 1, 0)  # image j of seed s is seed s + j
+
+
+def test_batch_composition_does_not_change_images(ckpts, tmp_path):
+    lm, _ = ckpts
+    vq = CosmosTokenizer.from_pretrained(write_tiny_vq(tmp_path / "vq", jit=False))  # our safetensors format
+    model, tok = Transformer.from_pretrained(lm), load_text_tokenizer(lm)
+    kw = dict(size=32, n=2, seed=5, cfg=3.0, top_k=50, repetition_penalty=1.1, progress=False)
+    together = text_to_image(model, tok, vq, ["a cat", "two dogs playing in the snow", "a hat"], batch_size=6, **kw)
+    assert together.codes.shape == (3, 2, 2, 2) and together.images.shape == (3, 2, 32, 32, 3)
+    for p, prompt in enumerate(["a cat", "two dogs playing in the snow"]):
+        alone = text_to_image(model, tok, vq, [prompt], **kw)
+        assert torch.equal(alone.codes[0], together.codes[p])
+        assert np.abs(alone.images[0].astype(int) - together.images[p]).max() <= 1
+
+
+def test_repetition_penalty_default_from_generation_config(ckpts, tmp_path):
+    assert default_repetition_penalty(ckpts[0]) == 1.1
+    assert default_repetition_penalty(write_tiny_lm(tmp_path / "plain", repetition_penalty=None)) == 1.0
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--prompt", "  "], "empty prompt"),
+    (["--prompt", "a cat", "--size", "40"], "size 40 is not a positive multiple of 16"),
+    (["--prompt", "a cat", "--cfg", "-1"], "guidance scale"),
+    (["--prompt", "a cat", "--temperature", "-0.5"], "temperature"),
+    (["--prompt", "a cat", "--top-k", "0"], "top-k"),
+    (["--prompt", "a cat", "--top-p", "0"], "top-p"),
+    (["--prompt", "a cat", "--top-p", "1.5"], "top-p"),
+    (["--prompt", "a cat", "--n", "0"], "must be >= 1"),
+    (["--prompts-file", "/nonexistent/prompts.txt"], "prompts file not found"),
+])
+def test_bad_input_exits_2_with_one_line(ckpts, capsys, args, match):
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--ckpt", ckpts[0], "--vq", ckpts[1]])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and match in err and "Traceback" not in err
+
+
+def test_bad_checkpoints_exit_2_with_one_line(ckpts, tmp_path, capsys, monkeypatch):
+    small = write_tiny_lm(tmp_path / "small", room=-10)  # 10 rows short of the 64-code book
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed: import fails
+    cases = [(["--ckpt", small, "--vq", ckpts[1]], "leaves no room"),
+             (["--ckpt", str(tmp_path / "missing"), "--vq", ckpts[1]], "checkpoint directory not found"),
+             (["--ckpt", ckpts[0], "--vq", str(tmp_path / "missing")], "visual tokenizer directory not found"),
+             (["--ckpt", "Daniel0724/SimpleAR-0.5B-RL", "--vq", ckpts[1]],
+              "huggingface-cli download Daniel0724/SimpleAR-0.5B-RL --local-dir DIR` or `git lfs clone "
+              "https://huggingface.co/Daniel0724/SimpleAR-0.5B-RL DIR`"),
+             (["--vq", ckpts[1]], "pass --ckpt")]
+    for args, match in cases:
+        with pytest.raises(SystemExit) as e:
+            main(["--prompt", "a cat", "--size", "32", "--out", str(tmp_path / "o")] + args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and match in err, (args, err)
