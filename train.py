@@ -7,13 +7,17 @@
         --batch-size 8 --grad-accum 2 --grad-checkpointing --compile
     # the same command plus --resume continues from the last good checkpoint of --out, exactly
     torchrun --standalone --nproc_per_node=8 train.py ... --resume
+    # SFT at 1024 px from the pretraining checkpoint (new optimizer and schedule)
+    torchrun --standalone --nproc_per_node=8 train.py --init runs/pt/step_0010000 --data codes/1024 --out runs/sft ...
     # two nodes: torchrun --nnodes=2 --node_rank={0,1} --master_addr=IP --master_port=29500 --nproc_per_node=8 train.py ...
     python -m pytest -q tests/test_train.py
 
 The loop is nanoGPT's: DDP is on when torchrun sets RANK; every rank holds the whole model; a step is
 --grad-accum micro-batches of --batch-size per rank (global batch = batch x grad-accum x ranks) and gradients
-are all-reduced on the last micro-batch only. SimpleAR's settings are the defaults (simplear.md 5.3): AdamW,
-lr 1e-4 constant, weight decay 0.01 (not on biases), gradient clipping at 1.0, bf16 autocast on GPU.
+are all-reduced on the last micro-batch only. The loss is the mean over every target token of the global batch,
+so 2 ranks x b, b with 2 accumulation steps and 1 rank x 2b train the same weights. SimpleAR's settings are the
+defaults (simplear.md 5.3): AdamW, lr 1e-4 constant, weight decay 0.01 (not on biases), gradient clipping at 1.0,
+bf16 autocast on GPU; every token (caption text included) is a target, captions drop out with p = 0.1.
 
 Checkpoints are Hugging Face directories that sample.py and transformers load as they are:
     {out}/step_0001000/  config.json  model.safetensors  tokenizer.json  [tokenizer_config.json ...]  trainer.pt
@@ -32,6 +36,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,6 +52,8 @@ from model import ModelArgs, Transformer
 
 # tokenizer-side files of a Hugging Face checkpoint that travel with every checkpoint we write
 AUX_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+SHAPE_FLAGS = dict(dim="width", n_layers="number of blocks", n_heads="query heads", n_kv_heads="key/value heads",
+                   intermediate_size="MLP width")
 
 
 class Parser(argparse.ArgumentParser):
@@ -64,19 +71,18 @@ def get_parser():
                                     "becomes len(tokenizer) + codebook size")
     g.add_argument("--tokenizer", help="directory with the tokenizer.json to use with --config")
     g.add_argument("--codebook-size", type=int, default=0, help="image codes; 0: the data's index.json says")
-    for flag, field in (("--dim", "width"), ("--n-layers", "decoder blocks"), ("--n-heads", "query heads"),
-                        ("--n-kv-heads", "key/value heads"), ("--intermediate-size", "MLP width")):
-        g.add_argument(flag, type=int, default=0, help=f"with --config: override the preset's {field}; 0: keep it")
-    g.add_argument("--init-std", type=float, default=0.02, help="std of the normal init with --config (Qwen2's initializer_range)")
+    for name, what in SHAPE_FLAGS.items():
+        g.add_argument("--" + name.replace("_", "-"), type=int, default=0, help=f"with --config: {what}; 0: the preset's")
+    g.add_argument("--init-std", type=float, default=0.02, help="init std with --config (Qwen2's initializer_range)")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="code-shard directory written by `python data.py prepare`")
     g.add_argument("--val-data", help="held-out code-shard directory for --val-every")
     g.add_argument("--val-frac", type=float, default=0.0, help="without --val-data: hold out this fraction of --data")
-    g.add_argument("--resolution", type=int, default=0, help="expected image size in pixels (checked against the data); 0: any")
-    g.add_argument("--max-len", type=int, default=0, help="longest sequence; the caption is cut to fit. 0: image tokens + 512, "
-                                                          "SimpleAR's model_max_length")
+    g.add_argument("--resolution", type=int, default=0, help="image size the data must have, in pixels; 0: any")
+    g.add_argument("--max-len", type=int, default=0,
+                   help="longest sequence, captions cut to fit; 0: image tokens + 512 (SimpleAR's model_max_length)")
     g.add_argument("--p-drop-cond", type=float, default=0.1, help="caption dropout for classifier-free guidance")
-    g.add_argument("--image-loss-only", action="store_true", help="targets are image tokens only (SimpleAR trains on text too)")
+    g.add_argument("--image-loss-only", action="store_true", help="only image tokens are targets (SimpleAR: all)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=10000, help="optimizer steps of the whole run (the schedule's length)")
     g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per rank")
@@ -93,7 +99,7 @@ def get_parser():
     g.add_argument("--seed", type=int, default=0, help="init, data order, caption dropout and prefix draws")
     g = p.add_argument_group("runtime")
     g.add_argument("--out", default="runs/train", help="checkpoint and log directory")
-    g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end); 0: at the end only")
+    g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps and at the end; 0: end only")
     g.add_argument("--keep", type=int, default=2, help="checkpoints to keep; 0: all")
     g.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint directory, or (no value / auto) "
                                                             "from {out}/latest when there is one")
@@ -107,7 +113,7 @@ def get_parser():
                    help="autocast dtype; auto: bfloat16 on GPU, float32 on CPU. Weights and optimizer stay float32")
     g.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in the backward pass")
-    g.add_argument("--loss-chunk", type=int, default=4096, help="tokens per logits chunk (memory: chunk x vocab floats)")
+    g.add_argument("--loss-chunk", type=int, default=2048, help="tokens per logits chunk (memory: chunk x vocab fp32)")
     g.add_argument("--peak-flops", type=float, default=0.0, help="per-rank peak FLOP/s for MFU; 0: measure a matmul")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
@@ -143,7 +149,7 @@ def extend_vocab(model: Transformer, tok, codebook_size: int) -> int:
     def grow(w):  # [V_old, D] -> [V, D]
         new = torch.empty(V, w.shape[1], dtype=w.dtype, device=w.device)
         new[:n_old] = w[:n_old]
-        new[n_old:] = w[:n_old].double().mean(0).to(w.dtype)
+        new[n_old:] = w[:n_old].mean(0, dtype=torch.float64).to(w.dtype)
         return nn.Parameter(new)
 
     with torch.no_grad():
@@ -156,13 +162,8 @@ def extend_vocab(model: Transformer, tok, codebook_size: int) -> int:
     return n_old
 
 
-def read_aux(path):
-    out = {}
-    for name in AUX_FILES:
-        if os.path.isfile(os.path.join(path, name)):
-            with open(os.path.join(path, name), "rb") as f:
-                out[name] = f.read()
-    return out
+def read_aux(path) -> dict:
+    return {n: Path(path, n).read_bytes() for n in AUX_FILES if Path(path, n).is_file()}
 
 
 def build_model(args, codebook_size):
@@ -177,12 +178,11 @@ def build_model(args, codebook_size):
         if not args.tokenizer:
             raise ValueError("--config needs --tokenizer DIR (a tokenizer.json, e.g. from `python data.py shapes`)")
         tok = data.load_text_tokenizer(args.tokenizer, add_special_tokens=True)
-        shape = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size") if getattr(args, k)}
-        preset = asdict(ModelArgs.from_name(args.config))
-        preset.update(shape, vocab_size=tok.get_vocab_size(with_added_tokens=True) + codebook_size, head_dim=0)
-        margs = ModelArgs(**preset)  # head_dim 0: dim // n_heads again
+        shape = {k: getattr(args, k) for k in SHAPE_FLAGS if getattr(args, k)}
+        margs = asdict(ModelArgs.from_name(args.config)) | shape | dict(head_dim=0)  # 0: dim // n_heads again
+        margs["vocab_size"] = tok.get_vocab_size(with_added_tokens=True) + codebook_size
         torch.manual_seed(args.seed)
-        model = Transformer(margs)
+        model = Transformer(ModelArgs(**margs))
         init_weights(model, args.init_std)
         aux = {}
     return model, tok, aux
@@ -265,19 +265,17 @@ def save_checkpoint(out, step, model, tok, aux, trainer_state, keep):
     model.save_pretrained(tmp)
     tok.save(os.path.join(tmp, "tokenizer.json"))
     for n, content in aux.items():
-        with open(os.path.join(tmp, n), "wb") as f:
-            f.write(content)
+        Path(tmp, n).write_bytes(content)
     torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
     if os.path.exists(final):  # a rerun from an older checkpoint reaches this step again
         old = os.path.join(out, f".{name}.old")
         os.replace(final, old)
         shutil.rmtree(old)
     os.replace(tmp, final)
-    with open(os.path.join(out, "latest.tmp"), "w") as f:
-        f.write(name + "\n")
-    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+    Path(out, "latest.tmp").write_text(name + "\n")
+    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))  # only now is the new one "the" checkpoint
     if keep > 0:
-        done = sorted(d for d in os.listdir(out) if d.startswith("step_") and os.path.isfile(os.path.join(out, d, "trainer.pt")))
+        done = sorted(d for d in os.listdir(out) if d.startswith("step_") and Path(out, d, "trainer.pt").is_file())
         for d in done[:-keep]:
             shutil.rmtree(os.path.join(out, d))
     return final
@@ -292,8 +290,7 @@ def find_resume(args):
         latest = os.path.join(args.out, "latest")
         if not os.path.isfile(latest):
             return None
-        with open(latest) as f:
-            path = os.path.join(args.out, f.read().strip())
+        path = os.path.join(args.out, Path(latest).read_text().strip())
     if not os.path.isfile(os.path.join(path, "trainer.pt")):
         raise FileNotFoundError(f"--resume {path}: not a train.py checkpoint (no trainer.pt)")
     return path
@@ -316,12 +313,13 @@ def set_rng_state(s):
 def load_data(args, train_ds, tok, first_id, rank, world, max_len):
     """(training batch stream, validation pass factory or None)."""
     val = data.CodeDataset(args.val_data) if args.val_data else None
-    if val is not None and (val.index.get("grid"), val.index.get("codebook_size")) != (train_ds.index.get("grid"), train_ds.index.get("codebook_size")):
-        raise ValueError(f"--val-data {args.val_data} (grid {val.index.get('grid')}) does not match --data (grid {train_ds.index.get('grid')})")
+    layout = lambda ds: (ds.index["grid"], ds.index.get("codebook_size"))
+    if val is not None and layout(val) != layout(train_ds):
+        raise ValueError(f"--val-data {args.val_data} holds {layout(val)} (grid, codebook), --data {layout(train_ds)}")
     if val is None and args.val_frac > 0:  # a seeded split: every rank and every resume holds out the same samples
         perm = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed)).tolist()
         k = max(1, round(args.val_frac * len(train_ds)))
-        train_ds, val = torch.utils.data.Subset(train_ds, sorted(perm[k:])), torch.utils.data.Subset(train_ds, sorted(perm[:k]))
+        train_ds, val = (torch.utils.data.Subset(train_ds, sorted(ix)) for ix in (perm[k:], perm[:k]))
     common = dict(text_loss=not args.image_loss_only, max_len=max_len)
     # The loader yields a rank's whole share of a step (batch x grad-accum) and the loop splits it into micro-batches:
     # epochs then end on step boundaries, so accumulating k micro-batches is exactly one k times larger batch.
@@ -343,15 +341,15 @@ def check_data(args, index, codebook_size, max_pos):
     """The data's own record (index.json) against the flags and the model; returns the longest sequence."""
     res, grid = index["resolution"], index["grid"]
     if args.resolution and res != args.resolution:
-        raise ValueError(f"--resolution {args.resolution} but {args.data} holds codes of {res}px images (grid {grid[0]}x{grid[1]})")
+        raise ValueError(f"--resolution {args.resolution} but {args.data} holds codes of {res}px images")
     if index.get("codebook_size", codebook_size) != codebook_size:
         raise ValueError(f"{args.data} holds codes of a {index['codebook_size']}-code visual tokenizer, "
                          f"but --codebook-size is {codebook_size}")
     n_image = grid[0] * grid[1]
     max_len = min(args.max_len or n_image + 512, max_pos)
     if n_image + 2 > max_len:
-        raise ValueError(f"{n_image} image tokens (grid {grid[0]}x{grid[1]}) and 2 special tokens do not fit a sequence "
-                         f"of {max_len} (--max-len {args.max_len}, model max_position_embeddings {max_pos})")
+        raise ValueError(f"{n_image} image tokens (grid {grid[0]}x{grid[1]}) and 2 special tokens do not fit a "
+                         f"sequence of {max_len} (--max-len {args.max_len}, max_position_embeddings {max_pos})")
     return max_len
 
 
@@ -394,6 +392,10 @@ def train(args, rank, world, device, master):
     for name in ("steps", "batch_size", "grad_accum", "loss_chunk"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not (0 <= args.p_drop_cond <= 1 and 0 <= args.val_frac < 1):
+        raise ValueError(f"--p-drop-cond {args.p_drop_cond} must be in [0, 1] and --val-frac {args.val_frac} in [0, 1)")
+    if args.val_every and not (args.val_data or args.val_frac):
+        raise ValueError("--val-every needs held-out data: --val-data DIR or --val-frac F")
     if args.resolution and args.resolution % 16:
         raise ValueError(f"--resolution {args.resolution} is not divisible by 16 (the visual tokenizer's downsampling)")
     if args.init and not os.path.isdir(args.init):
@@ -419,15 +421,19 @@ def train(args, rank, world, device, master):
         for layer in model.layers:
             layer.compile()
     loss_model = NextTokenLoss(model, args.loss_chunk)
-    ddp_model = DDP(loss_model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else loss_model
-    amp_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "float32": None, "bfloat16": torch.bfloat16}[args.dtype]
+    ddp_model = loss_model
+    if dist.is_initialized():
+        ddp_model = DDP(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp_dtype = dict(auto=torch.bfloat16 if device.type == "cuda" else None, float32=None,
+                     bfloat16=torch.bfloat16)[args.dtype]
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 
     # HF Trainer's grouping (SimpleAR): decay everything but biases (its RMSNorm weights do decay)
     params = dict(model.named_parameters())
     groups = [dict(params=[p for n, p in params.items() if not n.endswith("bias")], weight_decay=args.weight_decay),
               dict(params=[p for n, p in params.items() if n.endswith("bias")], weight_decay=0.0)]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
+                            fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, args.schedule, args.warmup_steps, args.steps, args.min_lr_ratio))
     step = 0
@@ -444,7 +450,10 @@ def train(args, rank, world, device, master):
                              f"{world} ranks x {args.batch_size} x {args.grad_accum} accumulation")
 
     # MFU's peak: every rank measures at once, so ranks sharing a CPU share its cores as they will in training
-    peak = torch.tensor(args.peak_flops or measure_matmul_flops(device, amp_dtype or torch.float32), dtype=torch.float64)
+    if dist.is_initialized():
+        dist.barrier()
+    peak = args.peak_flops or measure_matmul_flops(device, amp_dtype or torch.float32)
+    peak = torch.tensor(peak, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(peak)
     peak = peak.item()
@@ -452,15 +461,17 @@ def train(args, rank, world, device, master):
         os.makedirs(args.out, exist_ok=True)
         n_params = model.num_params()
         print(f"{'resuming from ' + resume if resume else 'starting'}: {n_params / 1e6:.2f}M parameters, vocab "
-              f"{model.args.vocab_size} (image ids from {first_id}), {len(loader.dataset)} training samples, global batch "
-              f"{args.batch_size * args.grad_accum * world} = {args.batch_size} x {args.grad_accum} accum x {world} ranks")
+              f"{model.args.vocab_size} (image ids from {first_id}), {len(loader.dataset)} training samples, "
+              f"global batch {args.batch_size} x {args.grad_accum} accumulated x {world} ranks")
+        if step >= args.steps:
+            print(f"nothing to do: the checkpoint is at step {step}, --steps is {args.steps}")
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     bar = tqdm(total=args.steps, initial=step, disable=not master or args.no_progress, dynamic_ncols=True)
 
     def save(step):
         if master:
-            state = dict(step=step, optimizer=opt.state_dict(), scheduler=sched.state_dict(), loader=loader.state_dict(),
-                         rng=rng_state(), args=vars(args), world_size=world)
+            state = dict(step=step, optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=rng_state(),
+                         loader=loader.state_dict(), args=vars(args), world_size=world)
             path = save_checkpoint(args.out, step, model, tok, aux, state, args.keep)
             bar.write(f"step {step}: saved {path}")
         if dist.is_initialized():
@@ -495,10 +506,10 @@ def train(args, rank, world, device, master):
             if ddp_model is not loss_model:  # all-reduce gradients on the last micro-batch only (what no_sync toggles)
                 ddp_model.require_backward_grad_sync = i == len(micro) - 1
             with autocast:
-                loss = ddp_model(b["input_ids"].to(device, non_blocking=True), b["labels"].to(device, non_blocking=True))
+                loss = ddp_model(b["input_ids"].to(device), b["labels"].to(device))
             (loss * (world / n_targets)).backward()
             stats[2] += loss.detach().double()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip) if args.grad_clip > 0 else None
+        grad_norm = nn.utils.clip_grad_norm_(params.values(), args.grad_clip) if args.grad_clip > 0 else None
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
@@ -511,7 +522,8 @@ def train(args, rank, world, device, master):
         tokens_per_s = stats[1].item() / dt  # all ranks, padding included: the work done
         seq_len = max(b["input_ids"].shape[1] for b in micro)
         mfu = flops_per_token(model.args, seq_len) * tokens_per_s / peak
-        record = dict(step=step, loss=round(loss_value, 6), lr=lr, tokens_per_s=round(tokens_per_s, 1), mfu=round(mfu, 4))
+        record = dict(step=step, loss=round(loss_value, 6), lr=lr, tokens_per_s=round(tokens_per_s, 1),
+                      mfu=round(mfu, 4))
         if grad_norm is not None:
             record["grad_norm"] = round(grad_norm.item(), 4)
         if val_batches and args.val_every and (step % args.val_every == 0 or step == args.steps):
