@@ -166,10 +166,9 @@ def test_checkpoint_loads_in_transformers_and_sample(prepared, tmp_path):
     x = torch.tensor([prompt + [first + 3, first + 7]])
     with torch.no_grad():
         assert (hf(x).logits.float() - ours(x)).abs().max() < 1e-4
-    sample = pytest.importorskip("sample")
-    codes = sample.generate(ours, data.encode_prompts(tok, ["a red circle"]), data.encode_negative(tok), first, 256,
-                            n_tokens=64, seeds=[0], progress=False)
-    assert codes.shape == (1, 64) and 0 <= codes.min() and codes.max() < 256
+    sample = pytest.importorskip("sample")  # sample.py's prompt path on the trained checkpoint, codes only
+    out = sample.text_to_image(ours, tok, FakeVQ(), ["a red circle"], size=128, n=2, decode=False, progress=False)
+    assert out.codes.shape == (1, 2, 8, 8) and 0 <= out.codes.min() and out.codes.max() < 256
 
 
 def tiny_qwen2(path, tie):
