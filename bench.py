@@ -1,6 +1,9 @@
 """
 Performance measurements, one subcommand per part; each prints a small table with ratios.
 
+    python bench.py decode                                   # SimpleAR-0.5B shape, random weights, 64 tokens
+    python bench.py decode --layers 4 --tokens 32            # quick run on a cut model
+
     python bench.py cosmos                                   # DV8x16x16 decoder, random weights, 32x32 and 64x64 grids
     python bench.py cosmos --grids 32 64 --preset dv-tiny --repeat 3
     python bench.py cosmos --ckpt checkpoints/Cosmos-1.0-Tokenizer-DV8x16x16 --device cuda --dtype bfloat16
@@ -12,9 +15,121 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
+
+import torch
+import torch.nn.functional as F
+
+from model import ModelArgs, Transformer
+
+
+def copy_bandwidth(nbytes=1 << 30, reps=5):
+    """Bytes per second moved by a large tensor copy (read + write), median of reps."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times[1:])
+
+
+def random_model(args: ModelArgs, dtype, device, seed=0) -> Transformer:
+    """Random weights fast: build on meta, allocate, fill with small normals (init schemes don't matter for speed)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02, generator=g)
+    return model.to(dtype).eval()
+
+
+def bench_decode(a):
+    torch.manual_seed(0)
+    dtype = getattr(torch, a.dtype)
+    margs = ModelArgs.from_name(a.model)
+    if a.layers:
+        margs.n_layers = a.layers
+    model = random_model(margs, dtype, a.device)
+    V, C = margs.vocab_size, a.codebook
+    first = V - C
+    cond = torch.randint(0, first - 7, (1, a.prompt_len)).tolist()[0]
+    uncond = torch.randint(0, first - 7, (1, a.prompt_len + 7)).tolist()[0]
+
+    @torch.inference_mode()
+    def ours(n):
+        model.setup_cache(2, len(uncond) + n)
+        logits, col = model.prefill([cond, uncond], vocab=(first, V))
+        g = torch.Generator(device=a.device).manual_seed(0)
+        t0 = time.perf_counter()
+        for t in range(n):
+            lp = torch.log_softmax(logits, -1)
+            mixed = lp[1] + a.cfg * (lp[0] - lp[1])
+            code = torch.multinomial(torch.softmax(mixed, -1), 1, generator=g)
+            tok = (code + first).expand(2, 1)
+            logits = model(tok, input_pos=torch.tensor([col + t], device=a.device), vocab=(first, V), kv_len=col + t + 1)[:, 0]
+        return time.perf_counter() - t0
+
+    import warnings
+
+    import transformers
+    from transformers import LogitsProcessor, LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    cfg = Qwen2Config(**{k: v for k, v in margs.__class__.to_hf_config(margs).items() if k not in ("architectures", "torch_dtype")})
+    with torch.device("meta"):
+        hf = Qwen2ForCausalLM(cfg)
+    hf.load_state_dict({Transformer.hf_key(k): v for k, v in model.state_dict().items()}, strict=False, assign=True)
+    hf.tie_weights()
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)  # its inv_freq buffer was left on meta
+    hf = hf.to(dtype).eval()
+
+    class CFGLogits(LogitsProcessor):
+        """SimpleAR's processor: the unconditional prompt as a second forward with its own cache."""
+        def __init__(self, scale, uncond_ids, model):
+            self.scale, self.uncond, self.model, self.out = scale, uncond_ids, model, None
+
+        def __call__(self, input_ids, scores):
+            scores = F.log_softmax(scores, dim=-1)
+            if self.out is None:
+                self.out = self.model(self.uncond, use_cache=True)
+            else:
+                self.out = self.model(input_ids[:, -1:], use_cache=True, past_key_values=self.out.past_key_values)
+            u = F.log_softmax(self.out.logits[:, -1], dim=-1)
+            return u + self.scale * (scores - u)
+
+    @torch.inference_mode()
+    def transformers_path(n):
+        proc = CFGLogits(a.cfg, torch.tensor([uncond], device=a.device), hf)
+        t0 = time.perf_counter()
+        hf.generate(torch.tensor([cond], device=a.device), attention_mask=torch.ones(1, len(cond), dtype=torch.long),
+                    max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=C, top_p=1.0, temperature=1.0,
+                    logits_processor=LogitsProcessorList([proc]), pad_token_id=0, eos_token_id=None)
+        return time.perf_counter() - t0
+
+    ours(4)  # warm-up
+    transformers_path(4)
+    t_ours = statistics.median(ours(a.tokens) for _ in range(a.repeat))
+    t_hf = statistics.median(transformers_path(a.tokens) for _ in range(a.repeat))
+    bw = copy_bandwidth()
+    nbytes = (model.num_params(non_embedding=True) + C * margs.dim) * torch.finfo(dtype).bits // 8
+    step = t_ours / a.tokens
+    print(f"{a.model} with {margs.n_layers} layers, {a.dtype}, {a.tokens} image tokens, CFG pair (batch 2), prompt {a.prompt_len}")
+    print(f"{'path':<42}{'tok/s':>8}{'ms/token':>10}")
+    print(f"{'transformers generate + CFG processor':<42}{a.tokens / t_hf:>8.2f}{1e3 * t_hf / a.tokens:>10.1f}")
+    print(f"{'ours: fused cache, batched CFG, code rows':<42}{a.tokens / t_ours:>8.2f}{1e3 * step:>10.1f}")
+    print(f"speed-up: {t_hf / t_ours:.2f}x")
+    print(f"roofline: {nbytes / 1e9:.2f} GB weights per step / {bw / 1e9:.1f} GB/s copy bandwidth = "
+          f"{1e3 * nbytes / bw:.1f} ms; reached {nbytes / bw / step:.2f} of it")
 
 
 def _gib(kib: int) -> float:
@@ -96,6 +211,18 @@ def bench_cosmos(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("decode", help="cached CFG-pair decode vs SimpleAR's transformers path, and the roofline")
+    p.add_argument("--model", default="simplear-0.5b", help="model.py preset")
+    p.add_argument("--layers", type=int, default=0, help="cut the model to this many layers (0: all)")
+    p.add_argument("--tokens", type=int, default=64, help="image tokens generated per run")
+    p.add_argument("--prompt-len", type=int, default=24)
+    p.add_argument("--codebook", type=int, default=64000)
+    p.add_argument("--cfg", type=float, default=6.0)
+    p.add_argument("--repeat", type=int, default=3, help="runs per path; the median is reported")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=bench_decode)
 
     p = sub.add_parser("cosmos", help="Cosmos decoder: time and peak memory per code grid")
     p.add_argument("--grids", type=int, nargs="+", default=[32, 64], help="grid sides (64 -> a 1024x1024 image)")
