@@ -462,7 +462,8 @@ def train(args, rank, world, device, master):
         n_params = model.num_params()
         print(f"{'resuming from ' + resume if resume else 'starting'}: {n_params / 1e6:.2f}M parameters, vocab "
               f"{model.args.vocab_size} (image ids from {first_id}), {len(loader.dataset)} training samples, "
-              f"global batch {args.batch_size} x {args.grad_accum} accumulated x {world} ranks")
+              f"global batch {args.batch_size} x {args.grad_accum} accumulated x {world} ranks, MFU against a measured "
+              f"{peak / 1e9:.0f} GFLOP/s")
         if step >= args.steps:
             print(f"nothing to do: the checkpoint is at step {step}, --steps is {args.steps}")
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
