@@ -3,6 +3,7 @@ Performance measurements, one subcommand per part; each prints a small table wit
 
     python bench.py decode                                   # SimpleAR-0.5B shape, random weights, 64 tokens
     python bench.py decode --layers 4 --tokens 32            # quick run on a cut model
+    python bench.py train                                    # train.py tokens/s + MFU, 1 vs 2 processes
 
     python bench.py cosmos                                   # DV8x16x16 decoder, random weights, 32x32 and 64x64 grids
     python bench.py cosmos --grids 32 64 --preset dv-tiny --repeat 3
@@ -132,6 +133,51 @@ def bench_decode(a):
           f"{1e3 * nbytes / bw:.1f} ms; reached {nbytes / bw / step:.2f} of it")
 
 
+def bench_train(a):
+    """train.py throughput on a small config: tokens/s and MFU for the same global batch on
+    1 process x all cores, 1 process x 1 thread and 2 processes (torchrun, gloo) x cores/2 threads."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    import data
+
+    class RandomVQ:  # stands in for Cosmos: throughput does not depend on which codes
+        spatial_compression, codebook_size = 16, a.codebook
+
+        def encode(self, x):
+            return torch.randint(0, a.codebook, (x.shape[0], x.shape[2] // 16, x.shape[3] // 16))
+
+    tmp, n, rng = tempfile.mkdtemp(prefix="bench_train_"), a.batch * (a.steps + 2), np.random.default_rng(0)
+    os.makedirs(f"{tmp}/img")
+    with open(f"{tmp}/meta.jsonl", "w") as f:
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (a.size, a.size, 3), dtype=np.uint8)).save(f"{tmp}/img/{i}.png")
+            f.write(json.dumps(dict(image=f"img/{i}.png", caption=f"a test image number {i}")) + "\n")
+    data.train_bpe_tokenizer([f"a test image number {i}" for i in range(n)] + data.STYLE_PREFIXES, 512, f"{tmp}/tok")
+    data.prepare_codes(f"{tmp}/meta.jsonl", f"{tmp}/codes", RandomVQ(), a.size)
+    cores, rows = len(os.sched_getaffinity(0)), []
+    for procs, threads in ((1, cores), (1, 1), (2, max(1, cores // 2))):
+        out = f"{tmp}/run{procs}x{threads}"
+        args = ["train.py", "--config", "tiny", "--dim", a.dim, "--n-layers", a.layers, "--n-heads", a.heads,
+                "--n-kv-heads", a.kv_heads, "--intermediate-size", a.ffn, "--tokenizer", f"{tmp}/tok",
+                "--data", f"{tmp}/codes", "--out", out, "--steps", a.steps, "--batch-size", a.batch // procs,
+                "--log-every", 1, "--save-every", 0, "--keep", 1, "--loss-chunk", 1024, "--no-progress"]
+        launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+                                     if procs > 1 else [])
+        subprocess.run(launch + [str(x) for x in args], cwd=os.path.dirname(os.path.abspath(__file__)),
+                       env=dict(os.environ, OMP_NUM_THREADS=str(threads)), check=True, capture_output=True)
+        log = [json.loads(line) for line in open(f"{out}/log.jsonl")][2:]  # the first two steps warm up
+        rows.append((procs, threads, statistics.median(r["tokens_per_s"] for r in log),
+                     statistics.median(r["mfu"] for r in log)))
+    print(f"train.py: dim {a.dim} x {a.layers} blocks, {a.codebook} codes, {a.size} px, global batch {a.batch}, "
+          f"fp32, {cores} cores; medians over steps 3..{a.steps}; MFU against the measured fp32 matmul peak")
+    print(f"{'processes x threads':<22}{'tokens/s':>10}{'MFU':>8}{'vs first':>10}")
+    for procs, threads, tps, mfu in rows:
+        print(f"{f'{procs} x {threads}':<22}{tps:>10.0f}{mfu:>8.1%}{tps / rows[0][2]:>9.2f}x")
+
+
 def _gib(kib: int) -> float:
     return kib / 2 ** 20  # ru_maxrss is in KiB on Linux
 
@@ -223,6 +269,18 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=bench_decode)
+
+    p = sub.add_parser("train", help="train.py tokens/s and MFU, 1 vs 2 processes")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batch", type=int, default=4, help="global batch (sequences per step)")
+    p.add_argument("--size", type=int, default=256, help="image side: (size/16)^2 image tokens per sequence")
+    p.add_argument("--codebook", type=int, default=64000)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--ffn", type=int, default=1024)
+    p.set_defaults(func=bench_train)
 
     p = sub.add_parser("cosmos", help="Cosmos decoder: time and peak memory per code grid")
     p.add_argument("--grids", type=int, nargs="+", default=[32, 64], help="grid sides (64 -> a 1024x1024 image)")
