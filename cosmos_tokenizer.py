@@ -118,6 +118,9 @@ PRESETS = {
     "dv8x16x16": {},
     "dv-small": {"channels": 32, "num_res_blocks": 1},
     "dv-tiny": {"channels": 8, "num_res_blocks": 1},
+    # the shipped nano model (train_vq.py): 64 px shapes -> 8x8 codes of 1,000; one frame (no time resampling)
+    "nano": {"channels": 32, "channels_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 64,
+             "spatial_compression": 8, "temporal_compression": 4, "levels": [8, 5, 5, 5], "embedding_dim": 4},
 }
 
 # -----------------------------------------------------------------------------

@@ -101,6 +101,9 @@ PRESETS = {
     # test sizes: 300 text ids + 7 special + 4,096 codes, laid out like SimpleAR's vocabulary
     "tiny": dict(vocab_size=4403, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
                  max_position_embeddings=2048, bos_token_id=None, eos_token_id=None),
+    # the shipped nano model (recipes/nano.sh): trained from scratch; its vocab size is set by train.py
+    "nano": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=768, max_position_embeddings=512,
+                 bos_token_id=None, eos_token_id=None),
 }
 
 
