@@ -3,6 +3,7 @@ Performance measurements, one subcommand per part; each prints a small table wit
 
     python bench.py decode                                   # SimpleAR-0.5B shape, random weights, 64 tokens
     python bench.py decode --layers 4 --tokens 32            # quick run on a cut model
+    python bench.py sample                                   # seconds per image at 256², 512², 1024² (0.5B)
     python bench.py train                                    # train.py tokens/s + MFU, 1 vs 2 processes
 
     python bench.py cosmos                                   # DV8x16x16 decoder, random weights, 32x32 and 64x64 grids
@@ -131,6 +132,61 @@ def bench_decode(a):
     print(f"speed-up: {t_hf / t_ours:.2f}x")
     print(f"roofline: {nbytes / 1e9:.2f} GB weights per step / {bw / 1e9:.1f} GB/s copy bandwidth = "
           f"{1e3 * nbytes / bw:.1f} ms; reached {nbytes / bw / step:.2f} of it")
+
+
+def bench_sample(a):
+    """Seconds per image of sample.py's loop (CFG pair, repetition penalty, image rows) and of the Cosmos
+    decoder, per image size. The LM time is measured on --steps decode steps at the start and at the end of
+    the image (attention grows with the cache) and integrated linearly over all (size/16)^2 steps, unless --full."""
+    from cosmos_tokenizer import CosmosConfig, CosmosTokenizer
+    from sample import guided_scores, make_generators, sample_from
+
+    torch.manual_seed(0)
+    margs = ModelArgs.from_name(a.model)
+    if a.layers:
+        margs.n_layers = a.layers
+    model = random_model(margs, torch.float32, "cpu")
+    vq = CosmosTokenizer(CosmosConfig.from_name(a.preset), encoder=False).eval()
+    K = vq.codebook_size
+    first, V = margs.vocab_size - K, margs.vocab_size
+    cond, neg = list(range(100, 100 + a.prompt_len)), list(range(200, 235))  # SimpleAR's negative prompt: ~35 tokens
+    print(f"{a.model} ({margs.n_layers} layers) + {a.preset} decoder, random weights, fp32, CPU "
+          f"{torch.get_num_threads()} threads, one image = CFG pair (2 rows), repetition penalty 1.1")
+    print(f"{'size':>6}{'tokens':>8}{'prefill s':>11}{'first step ms':>15}{'last step ms':>14}{'LM s':>9}"
+          f"{'decoder s':>11}{'total s':>9}")
+    for size in a.sizes:
+        n = (size // 16) ** 2
+
+        @torch.inference_mode()
+        def steps(start, count):
+            """Times `count` decode steps from column start (the cache keeps whatever it holds)."""
+            t0 = time.perf_counter()
+            for t in range(start, start + count):
+                scores = guided_scores(logits[:1], logits[1:], seen, 6.0, 1.0, None, 1.0, 1.1)
+                code = sample_from(scores, gens)
+                seen[0, code] = True
+                tok = (first + code).repeat(2)[:, None]
+                model(tok, input_pos=torch.tensor([col + t]), vocab=(first, V), kv_len=col + t + 1)
+            return (time.perf_counter() - t0) / count
+
+        model.setup_cache(2, len(neg) + n)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            logits, col = model.prefill([cond, neg], vocab=(first, V))
+        prefill = time.perf_counter() - t0
+        seen, gens = torch.zeros(1, K, dtype=torch.bool), make_generators([0], "cpu")
+        if a.full or n <= 2 * a.steps:
+            first_ms = last_ms = steps(0, n - 1)
+            lm = prefill + first_ms * (n - 1)
+        else:
+            first_ms, last_ms = steps(0, a.steps), steps(n - 1 - a.steps, a.steps)
+            lm = prefill + (first_ms + last_ms) / 2 * (n - 1)
+        t0 = time.perf_counter()
+        vq.decode(torch.randint(0, K, (1, size // 16, size // 16)))
+        dec = time.perf_counter() - t0
+        model.cache = None
+        print(f"{size:>5}²{n:>8}{prefill:>11.2f}{1e3 * first_ms:>15.1f}{1e3 * last_ms:>14.1f}{lm:>9.1f}"
+              f"{dec:>11.1f}{lm + dec:>9.1f}")
 
 
 def bench_train(a):
@@ -269,6 +325,16 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=bench_decode)
+
+    p = sub.add_parser("sample", help="seconds per image (LM and decoder) at several sizes")
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
+    p.add_argument("--model", default="simplear-0.5b", help="model.py preset")
+    p.add_argument("--layers", type=int, default=0, help="cut the model to this many layers (0: all)")
+    p.add_argument("--preset", default="dv8x16x16", help="cosmos_tokenizer.py preset of the decoder")
+    p.add_argument("--prompt-len", type=int, default=30)
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed at each end of the image")
+    p.add_argument("--full", action="store_true", help="time every step instead")
+    p.set_defaults(func=bench_sample)
 
     p = sub.add_parser("train", help="train.py tokens/s and MFU, 1 vs 2 processes")
     p.add_argument("--steps", type=int, default=6)
