@@ -160,13 +160,14 @@ def bench_sample(a):
         @torch.inference_mode()
         def steps(start, count):
             """Times `count` decode steps from column start (the cache keeps whatever it holds)."""
+            nonlocal logits
             t0 = time.perf_counter()
             for t in range(start, start + count):
                 scores = guided_scores(logits[:1], logits[1:], seen, 6.0, 1.0, None, 1.0, 1.1)
                 code = sample_from(scores, gens)
                 seen[0, code] = True
                 tok = (first + code).repeat(2)[:, None]
-                model(tok, input_pos=torch.tensor([col + t]), vocab=(first, V), kv_len=col + t + 1)
+                logits = model(tok, input_pos=torch.tensor([col + t]), vocab=(first, V), kv_len=col + t + 1)[:, 0]
             return (time.perf_counter() - t0) / count
 
         model.setup_cache(2, len(neg) + n)
