@@ -22,7 +22,8 @@ from cosmos_tokenizer import (JIT_BUFFERS, CausalConv3d, CosmosConfig, CosmosTok
                               haar_patch, haar_unpatch, main, pil_to_tensor, psnr, tensor_to_pil, tensor_to_uint8)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
-KEYS_TSV = Path("/work/shared/reference/cosmos_dv8x16x16_keys.tsv")
+# shared/ lies beside the checkout, in development and in CI alike
+KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "cosmos_dv8x16x16_keys.tsv"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -157,7 +158,7 @@ def test_other_compressions_keep_their_shapes():
 
 
 # Digest of the sorted "key<TAB>AxBxC" lines of cosmos_dv8x16x16_keys.tsv per file, buffers left out, so that the
-# test also runs where /work/shared is absent; with the .tsv present the comparison is key by key.
+# test also runs where shared/ is absent; with the .tsv present the comparison is key by key.
 RELEASE_DIGESTS = {"encoder.jit": (142, "fff577c026501ff4"), "decoder.jit": (176, "e4565f230e4bff3d"),
                    "autoencoder.jit": (318, "30369399cd072fef")}
 
