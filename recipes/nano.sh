@@ -30,6 +30,7 @@ VQ_STEPS=${VQ_STEPS:-2000}
 VQ_IMAGES=${VQ_IMAGES:-20000}
 LM_CONFIG=${LM_CONFIG:-nano}
 LM_STEPS=${LM_STEPS:-1200}
+LM2_STEPS=${LM2_STEPS:-1400}
 LM_BATCH=${LM_BATCH:-32}
 DEC_STEPS=${DEC_STEPS:-3000}
 EVAL_ARGS=${EVAL_ARGS:-}
@@ -50,10 +51,11 @@ mkdir -p "$WORK"
 stage data $PY data.py shapes --out "$WORK/data" --n "$N_IMAGES" --size "$IMAGE_SIZE" --vocab-size 512
 stage vq $PY train_vq.py --config nano --out "$WORK/vq" --size "$IMAGE_SIZE" --steps "$VQ_STEPS" --train-images "$VQ_IMAGES" --batch-size 32 --threads "$OMP_NUM_THREADS" --no-progress
 stage codes $PY data.py prepare --meta "$WORK/data/meta.jsonl" --vq "$WORK/vq" --resolution "$IMAGE_SIZE" --out "$WORK/codes" --batch-size 64
-# The LM learns on one core while the tokenizer's decoder trains on (the codes stay: the encoder is frozen).
+# The LM learns on one core while the tokenizer's decoder trains on (the codes stay: the encoder is frozen),
+# niced: on a busy machine the LM, the longer of the two, keeps its core.
 # From scratch, a tiny model wants a far higher lr than SimpleAR's 1e-4 (which finetunes a pretrained Qwen2.5).
 lm_and_decoder() {
-  $PY train_vq.py --init "$WORK/vq" --decoder-only --out "$WORK/vq-dec" --size "$IMAGE_SIZE" --steps "$DEC_STEPS" \
+  nice -n 10 $PY train_vq.py --init "$WORK/vq" --decoder-only --out "$WORK/vq-dec" --size "$IMAGE_SIZE" --steps "$DEC_STEPS" \
     --train-images "$VQ_IMAGES" --batch-size 32 --lr 5e-4 --warmup-steps 0 --threads 1 --seed 1 --no-progress \
     > "$WORK/vq-dec.out" 2>&1 &
   local dec=$!
@@ -61,13 +63,19 @@ lm_and_decoder() {
     --data "$WORK/codes" --out "$WORK/lm" --resolution "$IMAGE_SIZE" --steps "$LM_STEPS" --batch-size "$LM_BATCH" \
     --lr 1e-3 --schedule cosine --warmup-steps 100 --min-lr-ratio 0.1 --weight-decay 0.1 --beta2 0.95 \
     --p-drop-cond 0.1 --save-every 0 --keep 1 --log-every 10 --no-progress
+  # a warm restart (new cosine, new data order): the shipped model had this second phase because the first alone
+  # drew broken shapes; one schedule of LM_STEPS + LM2_STEPS is the natural thing to try next
+  OMP_NUM_THREADS=$LM_THREADS $PY train.py --init "$WORK/lm/$(cat "$WORK/lm/latest")" --data "$WORK/codes" \
+    --out "$WORK/lm2" --resolution "$IMAGE_SIZE" --steps "$LM2_STEPS" --batch-size "$LM_BATCH" --lr 6e-4 \
+    --schedule cosine --warmup-steps 50 --min-lr-ratio 0.1 --weight-decay 0.1 --beta2 0.95 --p-drop-cond 0.1 \
+    --seed 1 --save-every 0 --keep 1 --log-every 10 --no-progress
   wait $dec || { cat "$WORK/vq-dec.out" >&2; return 1; }
   tail -n 1 "$WORK/vq-dec.out"
 }
 stage lm+decoder lm_and_decoder
 
 ship() {
-  local lm="$WORK/lm/$(cat "$WORK/lm/latest")" tmp="$OUT.tmp$$"
+  local lm="$WORK/lm2/$(cat "$WORK/lm2/latest")" tmp="$OUT.tmp$$"
   rm -rf "$tmp"
   mkdir -p "$tmp/vq"
   cp "$lm/config.json" "$lm/model.safetensors" "$lm/tokenizer.json" "$tmp/"
@@ -78,6 +86,7 @@ ship() {
   cp "$WORK/vq/psnr.json" "$tmp/vq/psnr_before_decoder.json"
   cp "$WORK/vq-dec/log.jsonl" "$tmp/vq/log_decoder.jsonl"
   cp "$WORK/lm/log.jsonl" "$tmp/log.jsonl"
+  cp "$WORK/lm2/log.jsonl" "$tmp/log_phase2.jsonl"
   rm -rf "$OUT.old"
   if [ -e "$OUT" ]; then mv "$OUT" "$OUT.old"; fi
   mv "$tmp" "$OUT"
