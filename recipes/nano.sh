@@ -12,7 +12,8 @@
 #   4. lm+decoder  a Qwen2-architecture LM, preset nano, from scratch on SimpleAR's sequence layout (train.py),
 #              and meanwhile, on the other core, the tokenizer's decoder alone (train_vq.py --decoder-only)
 #   5. ship    LM + tokenizer.json + generation_config.json + vq/ + logs copied into $OUT
-#   6. eval    GenEval-nano at sample.py's default sampling settings, 64 px (eval.py)
+#   6. samples the README's picture grid (sample.py)
+#   7. eval    GenEval-nano at sample.py's default sampling settings, 64 px (eval.py)
 #
 # Threads: torch's default (all cores) is right on an idle machine. When another process holds a core, each
 # OpenMP thread waits for its peers at every op and two threads ran 20x slower than one here; THREADS=1 then.
@@ -93,6 +94,15 @@ ship() {
   rm -rf "$OUT.old"
 }
 stage ship ship
+# the README's picture grid: a row per prompt of recipes/nano_prompts.txt, with the nano sampling settings
+# (guidance 2 against the caption-dropout sequence the model trained on, see checkpoints/nano/eval_cfg2_trained_uncond)
+samples() {
+  $PY sample.py --ckpt "$OUT" --vq "$OUT/vq" --prompts-file recipes/nano_prompts.txt --size "$IMAGE_SIZE" --n 4 \
+    --cfg 2 --negative-prompt "" --grid --out "$WORK/samples"
+  cp "$WORK/samples/grid.png" "$OUT/samples_grid.png"
+  cp recipes/nano_prompts.txt "$OUT/samples_prompts.txt"
+}
+stage samples samples
 stage eval $PY eval.py --ckpt "$OUT" --vq "$OUT/vq" --n 4 --size "$IMAGE_SIZE" --out "$OUT/eval" $EVAL_ARGS
 
 echo "== wall time per stage: ${report[*]}; total $(( $(date +%s) - total_start )) s"

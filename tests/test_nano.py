@@ -131,5 +131,5 @@ def test_recipe_runs_at_toy_scale(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "wall time per stage" in r.stdout
     for name in ("model.safetensors", "tokenizer.json", "generation_config.json", "vq/model.safetensors",
-                 "eval/results.json", "log.jsonl", "vq/log.jsonl", "vq/psnr.json"):
+                 "eval/results.json", "samples_grid.png", "log.jsonl", "vq/log.jsonl", "vq/psnr.json"):
         assert os.path.isfile(tmp_path / "ship" / name), name
