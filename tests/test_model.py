@@ -236,17 +236,3 @@ def _cfg_only(d, cfg):
     d.mkdir()
     json.dump(cfg, open(d / "config.json", "w"))
     return d
-
-
-@torch.no_grad()
-def test_decode_layout_changes_strides_only(tmp_path):
-    torch.manual_seed(3)
-    m = Transformer(ModelArgs.from_name("tiny")).eval()
-    tokens = torch.randint(0, m.args.vocab_size, (2, 11))
-    before, state = m(tokens), {k: v.clone() for k, v in m.state_dict().items()}
-    m.decode_layout()
-    assert m.layers[0].mlp.up_proj.weight.stride() == (1, m.args.dim)
-    assert (m(tokens) - before).abs().max() < 1e-5
-    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
-    m.save_pretrained(tmp_path)
-    assert (Transformer.from_pretrained(tmp_path)(tokens) - before).abs().max() < 1e-5
