@@ -137,14 +137,15 @@ class Linear(nn.Linear):
     """nn.Linear, with a faster CPU path for the few rows of a decode step.
 
     MKL's x @ W.T reads W at a third of the memory bandwidth when x has 2-8 rows, while W @ x.T
-    streams W row by row at full speed; decoding is bound by exactly that read.
+    streams W row by row at full speed; decoding is bound by exactly that read. x must be a
+    contiguous [rows, K] so that x.T is a view: with a contiguous [K, rows] MKL is slow again.
     """
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
         if rows > 8 or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
-        y = (self.weight @ x.reshape(rows, -1).t()).t()
+        y = (self.weight @ x.reshape(rows, -1).contiguous().t()).t()
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], -1)
@@ -267,7 +268,7 @@ class Transformer(nn.Module):
         if vocab is not None:
             w = w[vocab[0]:vocab[1]]
         if h.numel() // h.shape[-1] <= 8 and h.device.type == "cpu":  # see Linear
-            return (w @ h.reshape(-1, h.shape[-1]).t()).t().reshape(*h.shape[:-1], -1).float()
+            return (w @ h.reshape(-1, h.shape[-1]).contiguous().t()).t().reshape(*h.shape[:-1], -1).float()
         return F.linear(h, w).float()
 
     def hidden(self, tokens, input_pos=None, kv_len=None, start=None):
