@@ -1,5 +1,6 @@
 """Text-to-image sampling with SimpleAR checkpoints: guidance, filtering, the decode loop, the CLI.
 
+    python sample.py --prompt "two red circles"     # the shipped nano model (checkpoints/nano), 64², CPU, offline
     python sample.py --prompt "a cat wearing a hat" --ckpt Daniel0724/SimpleAR-0.5B-RL \\
         --vq nvidia/Cosmos-1.0-Tokenizer-DV8x16x16 --out samples/      # 4 images at 1024², cfg 6
     python sample.py --prompts-file prompts.txt --ckpt DIR --vq DIR --size 512 --n 2 --grid --save-codes
@@ -42,8 +43,9 @@ from data import (NEGATIVE_PROMPT, encode_negative, encode_prompts, first_image_
                   special_token_ids)
 from model import Transformer
 
-DEFAULT_CKPT = None  # a shipped default model will plug in here (checkpoints/nano/)
-DEFAULT_VQ = None
+# The project's own small model (the nano recipe), used when no --ckpt/--vq is given: it runs on a CPU, offline.
+DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "nano")
+DEFAULT_VQ = os.path.join(DEFAULT_CKPT, "vq")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,6 +292,17 @@ def load(ckpt, vq, device="cpu", dtype=torch.float32):
 # ------------------------------------------------------------------------------------------------
 # command line
 
+def check_default_model(ckpt, vq):
+    """The shipped model's files, or a message naming the folder and the command that rebuilds it."""
+    need = [(DEFAULT_CKPT, ("config.json", "model.safetensors", "tokenizer.json")),
+            (DEFAULT_VQ, ("config.json", "model.safetensors"))]
+    for (folder, files), given in zip(need, (ckpt, vq)):
+        missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+        if given == folder and missing:
+            raise FileNotFoundError(f"the default model in {folder} lacks {', '.join(missing)}: rebuild it with "
+                                    "`bash recipes/nano.sh`, or pass --ckpt and --vq")
+
+
 def slug(text, limit=60):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "prompt"
 
@@ -344,7 +357,8 @@ def parse_args(argv=None):
                    "(Daniel0724/SimpleAR-0.5B-RL, -0.5B-SFT, -1.5B-RL, -1.5B-SFT)")
     p.add_argument("--vq", default=DEFAULT_VQ, help="Cosmos tokenizer directory or hub id "
                    "(nvidia/Cosmos-1.0-Tokenizer-DV8x16x16)")
-    p.add_argument("--size", type=int, default=1024, help="image side in pixels, a multiple of 16")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels, a multiple of the tokenizer's "
+                   "compression (default: the tokenizer's own resolution, 1024 for Cosmos DV8x16x16)")
     p.add_argument("--cfg", type=float, default=6.0, help="guidance scale s: uncond + s*(cond - uncond) in log-probs")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=64000, help="1 = greedy; >= codebook size = off")
@@ -368,15 +382,14 @@ def parse_args(argv=None):
 
 def run(args):
     prompts = read_prompts(args)
-    check_request(prompts, args.size, args.n, args.batch_size or args.n)
+    check_request(prompts, args.size or 1, args.n, args.batch_size or args.n, compression=1)  # size: after loading
     check_sampling(args.cfg, args.temperature, args.top_k, args.top_p, args.repetition_penalty or 1.0)
-    if args.ckpt is None or args.vq is None:
-        raise ValueError("pass --ckpt (a SimpleAR checkpoint: HF directory or Daniel0724/SimpleAR-0.5B-RL) and "
-                         "--vq (Cosmos-1.0-Tokenizer-DV8x16x16 directory or nvidia/Cosmos-1.0-Tokenizer-DV8x16x16)")
+    check_default_model(args.ckpt, args.vq)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     model, tokenizer, vq, ckpt = load(args.ckpt, args.vq, args.device, dtype)
     penalty = default_repetition_penalty(ckpt) if args.repetition_penalty is None else args.repetition_penalty
-    samples = text_to_image(model, tokenizer, vq, prompts, args.size, args.n, args.seed, args.negative_prompt,
+    size = args.size or vq.config.resolution
+    samples = text_to_image(model, tokenizer, vq, prompts, size, args.n, args.seed, args.negative_prompt,
                             args.batch_size, compile=args.compile, cfg=args.cfg, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, repetition_penalty=penalty)
     written = save_outputs(samples, prompts, args.seed, args.out, args.grid, args.save_codes)

@@ -13,6 +13,7 @@ from cosmos_tokenizer import CosmosTokenizer, tensor_to_uint8
 from data import load_text_tokenizer
 from fixtures import write_tiny_lm, write_tiny_vq
 from model import ModelArgs, Transformer
+import sample
 from sample import (cfg_combine, check_sampling, default_repetition_penalty, filter_logits, generate, guided_scores,
                     main, text_to_image)
 
@@ -240,10 +241,22 @@ def test_bad_checkpoints_exit_2_with_one_line(ckpts, tmp_path, capsys, monkeypat
              (["--ckpt", ckpts[0], "--vq", str(tmp_path / "missing")], "visual tokenizer directory not found"),
              (["--ckpt", "Daniel0724/SimpleAR-0.5B-RL", "--vq", ckpts[1]],
               "huggingface-cli download Daniel0724/SimpleAR-0.5B-RL --local-dir DIR` or `git lfs clone "
-              "https://huggingface.co/Daniel0724/SimpleAR-0.5B-RL DIR`"),
-             (["--vq", ckpts[1]], "pass --ckpt")]
+              "https://huggingface.co/Daniel0724/SimpleAR-0.5B-RL DIR`")]
     for args, match in cases:
         with pytest.raises(SystemExit) as e:
             main(["--prompt", "a cat", "--size", "32", "--out", str(tmp_path / "o")] + args)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and match in err, (args, err)
+
+
+def test_default_model_missing_files_name_the_folder_and_the_recipe(ckpts, tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "nano"
+    (empty / "vq").mkdir(parents=True)
+    monkeypatch.setattr(sample, "DEFAULT_CKPT", str(empty))
+    monkeypatch.setattr(sample, "DEFAULT_VQ", str(empty / "vq"))
+    for args in ([], ["--ckpt", ckpts[0]]):  # the default LM, then only the default tokenizer
+        with pytest.raises(SystemExit) as e:
+            main(["--prompt", "a cat", "--out", str(tmp_path / "o")] + args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert str(empty) in err and "bash recipes/nano.sh" in err and "model.safetensors" in err
