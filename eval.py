@@ -210,14 +210,16 @@ def sampling_defaults(ckpt_dir) -> dict:
     return dict(settings, repetition_penalty=sample.default_repetition_penalty(ckpt_dir))
 
 
-def run_geneval(ckpt, vq, out_dir, n=4, size=256, seed=0, prompts=None, batch_size=64, device="cpu", progress=True,
+def run_geneval(ckpt, vq, out_dir, n=4, size=None, seed=0, prompts=None, batch_size=64, device="cpu", progress=True,
                 **sampling) -> dict:
     """Generate n images per prompt (default: prompt_set()) with sample.py, score them, write results.json and
-    grid.png to out_dir. sampling: cfg, temperature, top_k, top_p, repetition_penalty; unset ones take the defaults."""
+    grid.png to out_dir. size None: the visual tokenizer's own resolution. sampling: cfg, temperature, top_k,
+    top_p, repetition_penalty; unset ones take the defaults."""
     prompts = prompt_set() if prompts is None else prompts
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     model, tokenizer, vq_model, ckpt_dir = sample.load(ckpt, vq, device, dtype)
     sampling = dict(sampling_defaults(ckpt_dir), **{k: v for k, v in sampling.items() if v is not None})
+    size = size or vq_model.config.resolution
     t0 = time.perf_counter()
     samples = sample.text_to_image(model, tokenizer, vq_model, [p["caption"] for p in prompts], size, n, seed,
                                    batch_size=batch_size, progress=progress, **sampling)
@@ -278,7 +280,8 @@ def main(argv=None):
     p.add_argument("--vq", default=sample.DEFAULT_VQ, help="visual tokenizer directory (default: sample.py's)")
     p.add_argument("--out", default="out/geneval", help="directory for results.json and grid.png")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the tokenizer's "
+                   "resolution; 256 for --ground-truth)")
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")
     p.add_argument("--prompts-per-category", type=int, default=10)
     p.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES)
@@ -292,17 +295,15 @@ def main(argv=None):
                    help="score each prompt's rendered scene, one per prompt (no model)")
     args = p.parse_args(argv)
     try:
-        if min(args.prompts_per_category, args.n, args.size) < 1:
+        if min(args.prompts_per_category, args.n, 1 if args.size is None else args.size) < 1:
             raise ValueError(f"--prompts-per-category ({args.prompts_per_category}), --n ({args.n}) and --size "
                              f"({args.size}) must be >= 1")
         prompts = prompt_set(args.prompts_per_category, args.categories)
         if args.ground_truth:
-            images = ground_truth(prompts, args.size)
-            result = dict(evaluate(prompts, images), settings=dict(ground_truth=True, size=args.size))
+            images = ground_truth(prompts, args.size or 256)
+            result = dict(evaluate(prompts, images), settings=dict(ground_truth=True, size=args.size or 256))
             save_results(result, images, args.out)
         else:
-            if args.ckpt is None or args.vq is None:
-                raise ValueError("pass --ckpt and --vq (sample.py defines no default model yet)")
             result = run_geneval(args.ckpt, args.vq, args.out, args.n, args.size, args.seed, prompts, args.batch_size,
                                  args.device, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty)

@@ -382,13 +382,14 @@ def parse_args(argv=None):
 
 def run(args):
     prompts = read_prompts(args)
-    check_request(prompts, args.size or 1, args.n, args.batch_size or args.n, compression=1)  # size: after loading
+    check_request(prompts, 1 if args.size is None else args.size, args.n, args.batch_size or args.n,
+                  compression=1)  # the size's multiple is checked once the tokenizer is loaded
     check_sampling(args.cfg, args.temperature, args.top_k, args.top_p, args.repetition_penalty or 1.0)
     check_default_model(args.ckpt, args.vq)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     model, tokenizer, vq, ckpt = load(args.ckpt, args.vq, args.device, dtype)
     penalty = default_repetition_penalty(ckpt) if args.repetition_penalty is None else args.repetition_penalty
-    size = args.size or vq.config.resolution
+    size = vq.config.resolution if args.size is None else args.size
     samples = text_to_image(model, tokenizer, vq, prompts, size, args.n, args.seed, args.negative_prompt,
                             args.batch_size, compile=args.compile, cfg=args.cfg, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, repetition_penalty=penalty)

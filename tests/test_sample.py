@@ -217,6 +217,7 @@ def test_repetition_penalty_default_from_generation_config(ckpts, tmp_path):
 @pytest.mark.parametrize("args,match", [
     (["--prompt", "  "], "empty prompt"),
     (["--prompt", "a cat", "--size", "40"], "size 40 is not a positive multiple of 16"),
+    (["--prompt", "a cat", "--size", "0"], "size 0 is not a positive multiple"),
     (["--prompt", "a cat", "--cfg", "-1"], "guidance scale"),
     (["--prompt", "a cat", "--temperature", "-0.5"], "temperature"),
     (["--prompt", "a cat", "--top-k", "0"], "top-k"),
