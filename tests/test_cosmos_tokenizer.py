@@ -26,15 +26,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:D
 KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "cosmos_dv8x16x16_keys.tsv"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These tensors are small: a second thread saves little, and on a busy machine every parallel op waits for it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)

@@ -26,15 +26,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NANO = os.path.join(ROOT, "checkpoints", "nano")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny runs: one thread is faster than two fighting other processes for the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_vq(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("vq"))

@@ -20,14 +20,6 @@ from sample import (cfg_combine, check_sampling, default_repetition_penalty, fil
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP's spinning threads slow them 4x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 TEXT, CODES = 307, 64  # 300 text ids + 7 special tokens, then a 64-code book (levels [4, 4, 4])
 
 

@@ -48,15 +48,6 @@ def prepared(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the in-process runs are tiny: one thread is faster than two fighting other processes for the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_args(prepared, out, *extra):
     return ["--config", "tiny", "--tokenizer", str(prepared / "tok"), "--data", str(prepared / "codes"), "--out", str(out),
             "--lr", "1e-3", "--no-progress", "--peak-flops", "1e9", *map(str, extra)]
