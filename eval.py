@@ -204,17 +204,17 @@ def ground_truth(prompts, size=256) -> list:
 
 # ----------------------------------------------------------------------------------------- generation and reports
 def sampling_defaults(ckpt_dir) -> dict:
-    """sample.generate's defaults, and the checkpoint's repetition penalty (generation_config.json) as sample.py's."""
+    """sample.py's defaults: generate()'s, then the checkpoint's own (generation_config.json) as the CLI takes them."""
     params = inspect.signature(sample.generate).parameters
-    settings = {k: params[k].default for k in ("cfg", "temperature", "top_k", "top_p")}
-    return dict(settings, repetition_penalty=sample.default_repetition_penalty(ckpt_dir))
+    settings = {k: params[k].default for k in ("temperature", "top_k", "top_p")}
+    return dict(settings, **sample.checkpoint_defaults(ckpt_dir))
 
 
 def run_geneval(ckpt, vq, out_dir, n=4, size=None, seed=0, prompts=None, batch_size=64, device="cpu", progress=True,
                 **sampling) -> dict:
     """Generate n images per prompt (default: prompt_set()) with sample.py, score them, write results.json and
     grid.png to out_dir. size None: the visual tokenizer's own resolution. sampling: cfg, temperature, top_k,
-    top_p, repetition_penalty; unset ones take the defaults."""
+    top_p, repetition_penalty, negative_prompt; unset ones take sample.py's defaults."""
     prompts = prompt_set() if prompts is None else prompts
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     model, tokenizer, vq_model, ckpt_dir = sample.load(ckpt, vq, device, dtype)
@@ -289,6 +289,7 @@ def main(argv=None):
                        ("repetition-penalty", float)):
         p.add_argument(f"--{name}", type=kind, default=None, help="default: sample.generate's; the repetition "
                        "penalty: the checkpoint's generation_config.json")
+    p.add_argument("--negative-prompt", default=None, help="default: the checkpoint's, else SimpleAR's")
     p.add_argument("--batch-size", type=int, default=64, help="images per generate() call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ground-truth", action="store_true",
@@ -306,7 +307,8 @@ def main(argv=None):
         else:
             result = run_geneval(args.ckpt, args.vq, args.out, args.n, args.size, args.seed, prompts, args.batch_size,
                                  args.device, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+                                 top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                                 negative_prompt=args.negative_prompt)
     except (ValueError, FileNotFoundError) as e:
         print(f"eval.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2)

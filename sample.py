@@ -270,13 +270,21 @@ def resolve_dir(name, what, patterns):
                                 f"({type(e).__name__}); {how}") from None
 
 
-def default_repetition_penalty(ckpt_dir):
-    """The checkpoint's generation_config.json value (SimpleAR's published numbers used it), else 1.0."""
+def checkpoint_defaults(ckpt_dir) -> dict:
+    """The sampling settings a checkpoint's generation_config.json asks for, else SimpleAR's defaults.
+
+    repetition_penalty: SimpleAR's published numbers used the file's 1.1 (Qwen2.5-Instruct's); 1.0 without it.
+    guidance_scale (transformers' name) and negative_prompt (ours): a model trained from scratch may want its
+    own, e.g. the nano model, which saw only the dropped caption "<|t2i|><|soi|>" as its unconditional input.
+    """
     path = os.path.join(ckpt_dir, "generation_config.json")
-    if not os.path.isfile(path):
-        return 1.0
-    with open(path) as f:
-        return float(json.load(f).get("repetition_penalty") or 1.0)
+    gen = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            gen = json.load(f)
+    return dict(repetition_penalty=float(gen.get("repetition_penalty") or 1.0),
+                cfg=6.0 if gen.get("guidance_scale") is None else float(gen["guidance_scale"]),
+                negative_prompt=gen.get("negative_prompt", NEGATIVE_PROMPT))
 
 
 def load(ckpt, vq, device="cpu", dtype=torch.float32):
@@ -359,14 +367,16 @@ def parse_args(argv=None):
                    "(nvidia/Cosmos-1.0-Tokenizer-DV8x16x16)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels, a multiple of the tokenizer's "
                    "compression (default: the tokenizer's own resolution, 1024 for Cosmos DV8x16x16)")
-    p.add_argument("--cfg", type=float, default=6.0, help="guidance scale s: uncond + s*(cond - uncond) in log-probs")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale s: uncond + s*(cond - uncond) in "
+                   "log-probs (default: the checkpoint's generation_config.json guidance_scale, else 6.0)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=64000, help="1 = greedy; >= codebook size = off")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="on already generated codes of the conditional logits (default: the checkpoint's "
                    "generation_config.json, 1.1 for SimpleAR's; else 1.0)")
-    p.add_argument("--negative-prompt", default=NEGATIVE_PROMPT, help="text of the unconditional branch")
+    p.add_argument("--negative-prompt", default=None, help="text of the unconditional branch (default: the "
+                   "checkpoint's generation_config.json negative_prompt, else SimpleAR's)")
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: --n)")
@@ -384,15 +394,17 @@ def run(args):
     prompts = read_prompts(args)
     check_request(prompts, 1 if args.size is None else args.size, args.n, args.batch_size or args.n,
                   compression=1)  # the size's multiple is checked once the tokenizer is loaded
-    check_sampling(args.cfg, args.temperature, args.top_k, args.top_p, args.repetition_penalty or 1.0)
+    check_sampling(6.0 if args.cfg is None else args.cfg, args.temperature, args.top_k, args.top_p,
+                   args.repetition_penalty or 1.0)
     check_default_model(args.ckpt, args.vq)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     model, tokenizer, vq, ckpt = load(args.ckpt, args.vq, args.device, dtype)
-    penalty = default_repetition_penalty(ckpt) if args.repetition_penalty is None else args.repetition_penalty
+    given = dict(repetition_penalty=args.repetition_penalty, cfg=args.cfg, negative_prompt=args.negative_prompt)
+    settings = {k: v if given[k] is None else given[k] for k, v in checkpoint_defaults(ckpt).items()}
     size = vq.config.resolution if args.size is None else args.size
-    samples = text_to_image(model, tokenizer, vq, prompts, size, args.n, args.seed, args.negative_prompt,
-                            args.batch_size, compile=args.compile, cfg=args.cfg, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=penalty)
+    samples = text_to_image(model, tokenizer, vq, prompts, size, args.n, args.seed, batch_size=args.batch_size,
+                            compile=args.compile, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            **settings)
     written = save_outputs(samples, prompts, args.seed, args.out, args.grid, args.save_codes)
     tokens = samples.codes.numel()
     print(f"wrote {len(written)} images to {args.out}")

@@ -1,4 +1,5 @@
 """sample.py: the decode loop against a slow uncached reference, the sampling primitives, the CLI."""
+import json
 import os
 import re
 import subprocess
@@ -10,11 +11,11 @@ import torch
 from PIL import Image
 
 from cosmos_tokenizer import CosmosTokenizer, tensor_to_uint8
-from data import load_text_tokenizer
+from data import NEGATIVE_PROMPT, load_text_tokenizer
 from fixtures import write_tiny_lm, write_tiny_vq
 from model import ModelArgs, Transformer
 import sample
-from sample import (cfg_combine, check_sampling, default_repetition_penalty, filter_logits, generate, guided_scores,
+from sample import (cfg_combine, check_sampling, checkpoint_defaults, filter_logits, generate, guided_scores,
                     main, text_to_image)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,9 +202,13 @@ def test_batch_composition_does_not_change_images(ckpts, tmp_path):
         assert np.abs(alone.images[0].astype(int) - together.images[p]).max() <= 1
 
 
-def test_repetition_penalty_default_from_generation_config(ckpts, tmp_path):
-    assert default_repetition_penalty(ckpts[0]) == 1.1
-    assert default_repetition_penalty(write_tiny_lm(tmp_path / "plain", repetition_penalty=None)) == 1.0
+def test_sampling_defaults_from_generation_config(ckpts, tmp_path):
+    assert checkpoint_defaults(ckpts[0]) == dict(repetition_penalty=1.1, cfg=6.0, negative_prompt=NEGATIVE_PROMPT)
+    plain = write_tiny_lm(tmp_path / "plain", repetition_penalty=None)
+    assert checkpoint_defaults(plain)["repetition_penalty"] == 1.0
+    with open(os.path.join(plain, "generation_config.json"), "w") as f:
+        json.dump({"guidance_scale": 2.0, "negative_prompt": ""}, f)
+    assert checkpoint_defaults(plain) == dict(repetition_penalty=1.0, cfg=2.0, negative_prompt="")
 
 
 @pytest.mark.parametrize("args,match", [
