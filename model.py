@@ -133,22 +133,25 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-class Linear(nn.Linear):
-    """nn.Linear, with a faster CPU path for the few rows of a decode step.
+def linear(x, w, b=None):
+    """F.linear, with a faster CPU path for the few rows of a decode step.
 
     MKL's x @ W.T reads W at a third of the memory bandwidth when x has 2-8 rows, while W @ x.T
     streams W row by row at full speed; decoding is bound by exactly that read. x must be a
     contiguous [rows, K] so that x.T is a view: with a contiguous [K, rows] MKL is slow again.
     """
+    rows = x.numel() // x.shape[-1]
+    if rows > 8 or x.device.type != "cpu":
+        return F.linear(x, w, b)
+    y = (w @ x.reshape(rows, -1).contiguous().t()).t()
+    if b is not None:
+        y = y + b
+    return y.reshape(*x.shape[:-1], -1)
 
+
+class Linear(nn.Linear):
     def forward(self, x):
-        rows = x.numel() // x.shape[-1]
-        if rows > 8 or x.device.type != "cpu":
-            return F.linear(x, self.weight, self.bias)
-        y = (self.weight @ x.reshape(rows, -1).contiguous().t()).t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], -1)
+        return linear(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):
@@ -267,9 +270,7 @@ class Transformer(nn.Module):
         w = self.head_weight()
         if vocab is not None:
             w = w[vocab[0]:vocab[1]]
-        if h.numel() // h.shape[-1] <= 8 and h.device.type == "cpu":  # see Linear
-            return (w @ h.reshape(-1, h.shape[-1]).contiguous().t()).t().reshape(*h.shape[:-1], -1).float()
-        return F.linear(h, w).float()
+        return linear(h, w).float()
 
     def hidden(self, tokens, input_pos=None, kv_len=None, start=None):
         """Final-norm hidden states [B, T, dim]."""
