@@ -432,11 +432,17 @@ INVERSE = {"to the left of": "to the right of", "to the right of": "to the left 
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 TEMPLATES = ("{}", "a picture of {}", "an image of {}", "{} on a white background", "a simple drawing of {}")
 MIN_SIZE, MAX_SIZE, GAP = 0.2, 0.4, 0.03  # object side and the empty space around objects, as fractions of the image
+# Hard pixel edges are aliasing: at 64 px they were 94% of an 8x8-code tokenizer's reconstruction error
+SUPERSAMPLE = 4
 
 
-def render_shapes(spec, size) -> Image.Image:
-    """Draw spec (dicts: shape, color, center [x, y] and size as fractions of the image side; y points down) without
-    antialiasing, so every pixel is exactly the background or a palette colour."""
+def render_shapes(spec, size, supersample=SUPERSAMPLE) -> Image.Image:
+    """Draw spec (dicts: shape, color, center [x, y] and size as fractions of the image side; y points down) at
+    supersample x the size, then average each supersample x supersample block (a box filter): edge pixels get the
+    share of each colour that covers them, as any rendered or photographed image does. supersample=1 draws hard
+    edges, every pixel exactly the background or a palette colour."""
+    if supersample > 1:
+        return render_shapes(spec, size * supersample, 1).resize((size, size), Image.Resampling.BOX)
     img = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for o in spec:
@@ -507,9 +513,13 @@ def sample_scene(rng, category):
 
 
 class ShapesDataset:
-    """n scenes; item i is a pure function of (seed, i), and categories take turns so each is equally frequent."""
+    """n scenes; item i is a pure function of (seed, i), and categories take turns: each is equally frequent, or
+    as often as it is repeated in categories."""
 
     def __init__(self, n, size=256, seed=0, categories=CATEGORIES):
+        unknown = sorted(set(categories) - set(CATEGORIES))
+        if unknown or not categories:
+            raise ValueError(f"categories {' '.join(unknown) or '(none)'}: expected some of {', '.join(CATEGORIES)}")
         self.n, self.size, self.seed, self.categories = n, size, seed, list(categories)
 
     def __len__(self):
@@ -558,7 +568,7 @@ def _cli_prepare(args):
 def _cli_shapes(args):
     if args.n <= 0 or args.size <= 0:
         raise ValueError(f"--n {args.n} and --size {args.size} must be positive")
-    ds, texts = ShapesDataset(args.n, args.size, args.seed), [*STYLE_PREFIXES, NEGATIVE_PROMPT]
+    ds, texts = ShapesDataset(args.n, args.size, args.seed, args.categories), [*STYLE_PREFIXES, NEGATIVE_PROMPT]
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
     meta = os.path.join(args.out, "meta.jsonl")
     with open(meta + ".tmp", "w") as f:
@@ -589,6 +599,8 @@ def main(argv=None):
     s.add_argument("--size", type=int, default=256)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--vocab-size", type=int, default=1024)
+    s.add_argument("--categories", nargs="+", default=list(CATEGORIES), metavar="CATEGORY",
+                   help=f"scene i is of category i mod their number; repeat one to weight it (of {', '.join(CATEGORIES)})")
     args = p.parse_args(argv)
     try:
         _cli_prepare(args) if args.cmd == "prepare" else _cli_shapes(args)

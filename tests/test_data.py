@@ -304,7 +304,8 @@ def test_prepare_codes_two_ranks(tmp_path, pil_to_tensor):
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     cases = {"nope.jsonl": ["prepare", "--meta", str(tmp_path / "nope.jsonl"), "--vq", "x", "--resolution", "512", "--out", "o"],
-             "--vq": ["prepare", "--meta", "m"], "--n 0": ["shapes", "--out", str(tmp_path), "--n", "0"], "frobnicate": ["frobnicate"]}
+             "--vq": ["prepare", "--meta", "m"], "--n 0": ["shapes", "--out", str(tmp_path), "--n", "0"], "frobnicate": ["frobnicate"],
+             "texture": ["shapes", "--out", str(tmp_path), "--n", "2", "--categories", "counting", "texture"]}
     for needle, argv in cases.items():
         with pytest.raises(SystemExit) as e:
             data.main(argv)
@@ -329,7 +330,14 @@ def test_shapes_render_exact_and_well_placed():
     fill = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
     for i in range(len(ds)):
         item = ds[i]
-        a = np.asarray(item["image"])
+        hard = data.render_shapes(item["spec"], 128, supersample=1)
+        a, aa = np.asarray(hard), np.asarray(item["image"], dtype=np.float64)
+        # antialiased: the same colours away from the edges (2 px), the same amount of each colour overall
+        t = torch.from_numpy(a.sum(-1, dtype=np.float64))[None, None]
+        flat = (F.max_pool2d(t, 5, 1, 2) == -F.max_pool2d(-t, 5, 1, 2))[0, 0].numpy()
+        assert flat.mean() > 0.5 and np.array_equal(aa[flat], a[flat])
+        assert np.abs(aa.mean((0, 1)) - a.mean((0, 1))).max() < 1.0
+        item["image"] = hard
         colours = {tuple(c) for c in a.reshape(-1, 3)}
         assert colours <= {data.BACKGROUND, *data.PALETTE.values()} and data.BACKGROUND in colours
         assert (a[0] == data.BACKGROUND).all() and (a[-1] == data.BACKGROUND).all()  # fully inside the image
@@ -363,6 +371,10 @@ def test_shapes_render_exact_and_well_placed():
             assert item["caption"].split()[0] == data.NUMBERS[n] and len({(o["shape"], o["color"]) for o in spec}) == 1
     assert {ds[i]["category"] for i in range(6)} == set(data.CATEGORIES)
     assert np.array_equal(np.asarray(ds[5]["image"]), np.asarray(data.ShapesDataset(120, 128, seed=0)[5]["image"]))
+    weighted = data.ShapesDataset(12, 32, categories=["counting", "position", "position"])
+    assert [weighted[i]["category"] for i in range(6)] == ["counting", "position", "position"] * 2
+    with pytest.raises(ValueError, match="texture"):
+        data.ShapesDataset(4, 32, categories=["counting", "texture"])
     assert ds[5]["spec"] != data.ShapesDataset(120, 128, seed=1)[5]["spec"]
 
 
