@@ -2,6 +2,7 @@
 
     python eval.py --ckpt checkpoints/nano --vq checkpoints/nano/vq --n 4 --out out/geneval   # results.json + grid.png
     python eval.py --ground-truth --out out/geneval-gt   # each prompt's rendered scene, no model: the ceiling
+    python eval.py --reconstruct 600 --out out/geneval-vq  # 600 held-out scenes through the tokenizer: its ceiling
     python eval.py --prompts-per-category 2 --categories counting position --n 1 --out out/quick  # default model
     python -m pytest -q tests/test_eval.py
 
@@ -36,7 +37,8 @@ import torch
 from PIL import Image, ImageDraw
 
 import sample
-from data import BACKGROUND, CATEGORIES, NUMBERS, PALETTE, RELATIONS, SHAPES, relations, render_shapes, sample_scene
+from data import (BACKGROUND, CATEGORIES, NUMBERS, PALETTE, RELATIONS, SHAPES, ShapesDataset, relations, render_shapes,
+                  sample_scene)
 
 # ----------------------------------------------------------------------------------------- the detector
 REFERENCES = np.array([BACKGROUND, *PALETTE.values()], np.float32)  # row 0: background, then the palette
@@ -202,6 +204,22 @@ def ground_truth(prompts, size=256) -> list:
     return [[render_shapes(p["spec"], size)] for p in prompts]
 
 
+def reconstructions(vq_dir, n, size=None, seed=1, batch_size=64, device="cpu"):
+    """(prompts, images) for the tokenizer's ceiling: n dataset scenes (ShapesDataset seed 1: train_vq.py's held-out
+    set, never trained on), each encoded and decoded by the visual tokenizer. An LM that picked every code right
+    would score this; whatever the tokenizer loses (a rounded corner, two objects run together) no LM can win back."""
+    from cosmos_tokenizer import CosmosTokenizer, pil_to_tensor, tensor_to_uint8
+
+    vq = CosmosTokenizer.from_pretrained(vq_dir, device=device).eval()
+    size = size or vq.config.resolution
+    items = [ShapesDataset(n, size, seed)[i] for i in range(n)]
+    x = torch.stack([pil_to_tensor(it["image"], size) for it in items])
+    with torch.no_grad():
+        rec = torch.cat([vq.decode(vq.encode(x[i:i + batch_size].to(device))).cpu() for i in range(0, n, batch_size)])
+    prompts = [dict(category=it["category"], caption=it["caption"], spec=it["spec"]) for it in items]
+    return prompts, [[img] for img in tensor_to_uint8(rec)]
+
+
 # ----------------------------------------------------------------------------------------- generation and reports
 def sampling_defaults(ckpt_dir) -> dict:
     """sample.py's defaults: generate()'s, then the checkpoint's own (generation_config.json) as the CLI takes them."""
@@ -294,13 +312,24 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ground-truth", action="store_true",
                    help="score each prompt's rendered scene, one per prompt (no model)")
+    p.add_argument("--reconstruct", type=int, default=0, metavar="N",
+                   help="score N held-out dataset scenes after a round trip through --vq (no LM): the tokenizer's "
+                   "ceiling")
     args = p.parse_args(argv)
     try:
+        if args.reconstruct < 0 or (args.reconstruct and args.ground_truth):
+            raise ValueError(f"--reconstruct {args.reconstruct}: a positive number of scenes, without --ground-truth")
         if min(args.prompts_per_category, args.n, 1 if args.size is None else args.size) < 1:
             raise ValueError(f"--prompts-per-category ({args.prompts_per_category}), --n ({args.n}) and --size "
                              f"({args.size}) must be >= 1")
         prompts = prompt_set(args.prompts_per_category, args.categories)
-        if args.ground_truth:
+        if args.reconstruct:
+            prompts, images = reconstructions(args.vq, args.reconstruct, args.size, batch_size=args.batch_size,
+                                              device=args.device)
+            result = dict(evaluate(prompts, images), settings=dict(reconstruct=args.reconstruct, vq=args.vq,
+                                                                   size=int(np.asarray(images[0][0]).shape[0])))
+            save_results(result, images, args.out)
+        elif args.ground_truth:
             images = ground_truth(prompts, args.size or 256)
             result = dict(evaluate(prompts, images), settings=dict(ground_truth=True, size=args.size or 256))
             save_results(result, images, args.out)

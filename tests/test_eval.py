@@ -2,6 +2,7 @@
 and aggregation, the CLI, run_geneval's plumbing, and a floor for the shipped model (skipped until it ships)."""
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -180,8 +181,36 @@ def test_cli_ground_truth_writes_results_and_grid(tmp_path, capsys):
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
+def test_reconstruct_scores_held_out_scenes_through_the_tokenizer(tmp_path, capsys, monkeypatch):
+    import cosmos_tokenizer
+
+    class Lossless:  # a tokenizer that loses nothing: its ceiling is the detector's own score
+        config = types.SimpleNamespace(resolution=64)
+
+        def eval(self):
+            return self
+
+        def encode(self, x):
+            return x
+
+        def decode(self, x):
+            return x
+
+    with monkeypatch.context() as m:
+        m.setattr(cosmos_tokenizer.CosmosTokenizer, "from_pretrained", staticmethod(lambda *a, **k: Lossless()))
+        prompts, images = geneval.reconstructions("any", 24)
+    assert [p["caption"] for p in prompts] == [ShapesDataset(24, 64, seed=1)[i]["caption"] for i in range(24)]
+    assert geneval.evaluate(prompts, images)["overall"] == 1.0
+    vq = write_tiny_vq(tmp_path / "vq", jit=False)  # a random tokenizer: the CLI end to end, and a low ceiling
+    geneval.main(["--reconstruct", "12", "--vq", vq, "--size", "32", "--out", str(tmp_path / "out")])
+    assert "| **overall** |" in capsys.readouterr().out
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(result["prompts"]) == 12 and result["settings"]["size"] == 32 and result["overall"] < 0.5
+
+
 @pytest.mark.parametrize("argv", [["--prompts-per-category", "0"], ["--categories", "faces"], ["--size", "0"],
-                                  ["--ckpt", "/nonexistent/lm", "--vq", "/nonexistent/vq"]])
+                                  ["--ckpt", "/nonexistent/lm", "--vq", "/nonexistent/vq"], ["--reconstruct", "-1"],
+                                  ["--reconstruct", "3", "--ground-truth"], ["--reconstruct", "3", "--vq", "/nope"]])
 def test_cli_bad_input_is_one_line_and_exit_2(argv, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         geneval.main([*argv, "--out", str(tmp_path)])
