@@ -46,6 +46,7 @@ def get_parser():
     p = _Parser(description="Train a small Cosmos tokenizer on the shapes.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="nano", help=f"cosmos_tokenizer.py preset: {', '.join(PRESETS)}")
+    p.add_argument("--levels", type=int, nargs="+", help="FSQ levels instead of the preset's (codebook: their product)")
     p.add_argument("--init", help="start from this trained tokenizer directory instead (its config, not --config)")
     p.add_argument("--decoder-only", action="store_true", help="with --init: train post_quant_conv + decoder only")
     p.add_argument("--out", required=True, help="directory for config.json, model.safetensors, log.jsonl, psnr.json")
@@ -106,7 +107,13 @@ def write_json(path, obj):
 def train(args) -> dict:
     if args.decoder_only and not args.init:
         raise ValueError("--decoder-only needs --init DIR (a trained tokenizer whose codes are kept)")
+    if args.init and args.levels:
+        raise ValueError("--levels and --init: the codes of a trained tokenizer are fixed")
+    if args.levels and min(args.levels) < 2:
+        raise ValueError(f"--levels {' '.join(map(str, args.levels))}: every level must be >= 2")
     cfg = CosmosTokenizer.from_pretrained(args.init).config if args.init else CosmosConfig.from_name(args.config)
+    if args.levels:
+        cfg = CosmosConfig.from_dict(dict(cfg.to_dict(), levels=args.levels, embedding_dim=len(args.levels)))
     if args.size <= 0 or args.size % cfg.spatial_compression:
         raise ValueError(f"--size {args.size} must be a positive multiple of the spatial compression {cfg.spatial_compression}")
     for name in ("steps", "batch_size", "train_images", "val_images", "log_every"):

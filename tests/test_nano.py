@@ -46,6 +46,19 @@ def test_train_vq_writes_a_loadable_tokenizer_and_its_log(tiny_vq):
     assert codes.shape == (2, 4, 4) and vq.decode(codes).shape == (2, 3, 32, 32)
 
 
+def test_train_vq_levels_set_the_codebook(tmp_path, capsys):
+    result = train_vq.train(train_vq.get_parser().parse_args(
+        ["--out", str(tmp_path), "--size", "32", "--steps", "1", "--batch-size", "2", "--train-images", "2",
+         "--val-images", "2", "--levels", "4", "3", "--no-progress"]))
+    assert result["codebook_size"] == 12
+    vq = CosmosTokenizer.from_pretrained(tmp_path)
+    assert vq.config.levels == [4, 3] and int(vq.encode(torch.rand(2, 3, 32, 32)).max()) < 12
+    for argv in (["--levels", "4", "1"], ["--levels", "4", "4", "--init", str(tmp_path)]):
+        with pytest.raises(SystemExit) as e:
+            train_vq.main(["--out", str(tmp_path / "x"), "--size", "32", *argv])
+        assert e.value.code == 2 and "--levels" in capsys.readouterr().err
+
+
 def test_decoder_only_keeps_the_codes(tiny_vq, tmp_path):
     init, _ = tiny_vq
     train_vq.main(["--init", init, "--decoder-only", "--out", str(tmp_path), "--size", "32", "--steps", "2",
@@ -116,8 +129,8 @@ def test_shipped_model_geneval_floor(nano, tmp_path):
 def test_recipe_runs_at_toy_scale(tmp_path):
     """recipes/nano.sh end to end with every size shrunk: the commands and the shipping step fit together."""
     env = dict(os.environ, WORK=str(tmp_path / "work"), OUT=str(tmp_path / "ship"), THREADS="1", PYTHON=sys.executable,
-               N_IMAGES="16", IMAGE_SIZE="32", VQ_STEPS="2", VQ_IMAGES="8", LM_STEPS="2", LM2_STEPS="2", LM_BATCH="4",
-               LM_CONFIG="tiny", DEC_STEPS="2", EVAL_ARGS="--prompts-per-category 1 --n 1")
+               N_IMAGES="16", IMAGE_SIZE="32", VQ_STEPS="2", VQ_IMAGES="8", LM_STEPS="2", LM_BATCH="4",
+               LM_CONFIG="tiny", EVAL_ARGS="--prompts-per-category 1 --n 1")
     r = subprocess.run(["bash", os.path.join(ROOT, "recipes", "nano.sh")], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "wall time per stage" in r.stdout
