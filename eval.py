@@ -37,6 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import sample
+from cosmos_tokenizer import CosmosTokenizer, pil_to_tensor, tensor_to_uint8
 from data import (BACKGROUND, CATEGORIES, NUMBERS, PALETTE, RELATIONS, SHAPES, ShapesDataset, relations, render_shapes,
                   sample_scene)
 
@@ -208,11 +209,10 @@ def reconstructions(vq_dir, n, size=None, seed=1, batch_size=64, device="cpu"):
     """(prompts, images) for the tokenizer's ceiling: n dataset scenes (ShapesDataset seed 1: train_vq.py's held-out
     set, never trained on), each encoded and decoded by the visual tokenizer. An LM that picked every code right
     would score this; whatever the tokenizer loses (a rounded corner, two objects run together) no LM can win back."""
-    from cosmos_tokenizer import CosmosTokenizer, pil_to_tensor, tensor_to_uint8
-
     vq = CosmosTokenizer.from_pretrained(vq_dir, device=device).eval()
     size = size or vq.config.resolution
-    items = [ShapesDataset(n, size, seed)[i] for i in range(n)]
+    ds = ShapesDataset(n, size, seed)
+    items = [ds[i] for i in range(n)]
     x = torch.stack([pil_to_tensor(it["image"], size) for it in items])
     with torch.no_grad():
         rec = torch.cat([vq.decode(vq.encode(x[i:i + batch_size].to(device))).cpu() for i in range(0, n, batch_size)])
@@ -327,7 +327,7 @@ def main(argv=None):
             prompts, images = reconstructions(args.vq, args.reconstruct, args.size, batch_size=args.batch_size,
                                               device=args.device)
             result = dict(evaluate(prompts, images), settings=dict(reconstruct=args.reconstruct, vq=args.vq,
-                                                                   size=int(np.asarray(images[0][0]).shape[0])))
+                                                                   size=images[0][0].shape[0]))
             save_results(result, images, args.out)
         elif args.ground_truth:
             images = ground_truth(prompts, args.size or 256)
