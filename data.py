@@ -432,6 +432,10 @@ INVERSE = {"to the left of": "to the right of", "to the right of": "to the left 
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 TEMPLATES = ("{}", "a picture of {}", "an image of {}", "{} on a white background", "a simple drawing of {}")
 MIN_SIZE, MAX_SIZE, GAP = 0.2, 0.4, 0.03  # object side and the empty space around objects, as fractions of the image
+# Object boxes on a lattice of 1/16 of the side (4 px at 64 px, half an 8x8-code cell): with edges anywhere, one code
+# of 1,000 must tell a corner's or an arc's colour and its offset among 8x8 in its cell, which the nano tokenizer could
+# not (28.5 dB, squares decoded with round corners); with two offsets per cell it can. 0: anywhere.
+LATTICE = 16
 # Hard pixel edges are aliasing: at 64 px they were 94% of an 8x8-code tokenizer's reconstruction error
 SUPERSAMPLE = 4
 
@@ -476,8 +480,9 @@ def _noun(shape, color, n=1):
     return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape}" if n == 1 else f"{NUMBERS[n]} {color} {shape}s"
 
 
-def sample_scene(rng, category):
-    """(spec, canonical caption, captions) of one random scene; captions[0] is the canonical (evaluation) form."""
+def sample_scene(rng, category, lattice=LATTICE):
+    """(spec, canonical caption, captions) of one random scene; captions[0] is the canonical (evaluation) form.
+    Object sides and box edges are multiples of 1/lattice of the image side (lattice 0: any value)."""
     pick = lambda seq, k: [seq[i] for i in rng.choice(len(seq), k, replace=False)]
     colors = list(PALETTE)
     if category in ("single_object", "colors"):
@@ -492,9 +497,18 @@ def sample_scene(rng, category):
         raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
     relation = list(RELATIONS)[rng.integers(4)] if category == "position" else None
     hi = MAX_SIZE if len(objs) <= 2 else 0.3  # up to four objects of 0.4 rarely fit: keep rejection sampling quick
+    top = min(np.floor(MAX_SIZE * lattice), round(hi * lattice))  # the lattice side nearest hi, within MAX_SIZE
+    sides = np.arange(np.ceil(MIN_SIZE * lattice), top + 1) / max(lattice, 1)
     while True:  # rejection sampling: objects inside the image, GAP apart, the relation unambiguous
-        spec = [dict(shape=s, color=c, center=rng.uniform(z / 2 + GAP, 1 - z / 2 - GAP, 2).tolist(), size=float(z))
-                for (s, c), z in zip(objs, rng.uniform(MIN_SIZE, hi, len(objs)))]
+        spec = []
+        for (s, c), z in zip(objs, rng.uniform(MIN_SIZE, hi, len(objs))):
+            if lattice:  # the nearest lattice side, then the box's top-left corner on a lattice point
+                z = sides[np.abs(sides - z).argmin()]
+                lo, top = np.ceil(GAP * lattice), np.floor((1 - GAP - z) * lattice)
+                center = rng.integers(lo, top + 1, 2) / lattice + z / 2
+            else:
+                center = rng.uniform(z / 2 + GAP, 1 - z / 2 - GAP, 2)
+            spec.append(dict(shape=s, color=c, center=center.tolist(), size=float(z)))
         apart = all(np.abs(np.subtract(a["center"], b["center"])).max() >= (a["size"] + b["size"]) / 2 + GAP
                     for i, a in enumerate(spec) for b in spec[i + 1:])
         if apart and (relation is None or relations(spec[0], spec[1]) == {relation}):
@@ -514,13 +528,15 @@ def sample_scene(rng, category):
 
 class ShapesDataset:
     """n scenes; item i is a pure function of (seed, i), and categories take turns: each is equally frequent, or
-    as often as it is repeated in categories."""
+    as often as it is repeated in categories. lattice: as sample_scene's."""
 
-    def __init__(self, n, size=256, seed=0, categories=CATEGORIES):
+    def __init__(self, n, size=256, seed=0, categories=CATEGORIES, lattice=LATTICE):
         unknown = sorted(set(categories) - set(CATEGORIES))
         if unknown or not categories:
             raise ValueError(f"categories {' '.join(unknown) or '(none)'}: expected some of {', '.join(CATEGORIES)}")
-        self.n, self.size, self.seed, self.categories = n, size, seed, list(categories)
+        if lattice < 0 or 0 < lattice < 8:
+            raise ValueError(f"lattice {lattice}: 0 (anywhere) or at least 8 (a coarser one has no room for four objects)")
+        self.n, self.size, self.seed, self.categories, self.lattice = n, size, seed, list(categories), lattice
 
     def __len__(self):
         return self.n
@@ -529,7 +545,7 @@ class ShapesDataset:
         if not 0 <= i < self.n:
             raise IndexError(i)
         category = self.categories[i % len(self.categories)]
-        spec, canonical, captions = sample_scene(np.random.default_rng([self.seed, i]), category)
+        spec, canonical, captions = sample_scene(np.random.default_rng([self.seed, i]), category, self.lattice)
         return dict(image=render_shapes(spec, self.size), caption=canonical, captions=captions, category=category, spec=spec)
 
 
@@ -568,7 +584,7 @@ def _cli_prepare(args):
 def _cli_shapes(args):
     if args.n <= 0 or args.size <= 0:
         raise ValueError(f"--n {args.n} and --size {args.size} must be positive")
-    ds, texts = ShapesDataset(args.n, args.size, args.seed, args.categories), [*STYLE_PREFIXES, NEGATIVE_PROMPT]
+    ds, texts = ShapesDataset(args.n, args.size, args.seed, args.categories, args.lattice), [*STYLE_PREFIXES, NEGATIVE_PROMPT]
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
     meta = os.path.join(args.out, "meta.jsonl")
     with open(meta + ".tmp", "w") as f:
@@ -601,6 +617,8 @@ def main(argv=None):
     s.add_argument("--vocab-size", type=int, default=1024)
     s.add_argument("--categories", nargs="+", default=list(CATEGORIES), metavar="CATEGORY",
                    help=f"scene i is of category i mod their number; repeat one to weight it (of {', '.join(CATEGORIES)})")
+    s.add_argument("--lattice", type=int, default=LATTICE,
+                   help="object sides and box edges are multiples of 1/LATTICE of the side; 0: anywhere")
     args = p.parse_args(argv)
     try:
         _cli_prepare(args) if args.cmd == "prepare" else _cli_shapes(args)

@@ -138,7 +138,7 @@ def prompt_set(per_category=10, categories=CATEGORIES) -> list:
         for _ in range(100 * per_category):  # single_object has 18 distinct captions: never loop forever
             if len(found) == per_category:
                 break
-            spec, caption, _ = sample_scene(rng, c)
+            spec, caption, _ = sample_scene(rng, c, lattice=0)  # off the lattice: the draws of the first prompt set
             if caption not in found and key(parse_caption(caption)) == values[len(found) % len(values)]:
                 found[caption] = spec
         if len(found) < per_category:

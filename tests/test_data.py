@@ -305,7 +305,8 @@ def test_prepare_codes_two_ranks(tmp_path, pil_to_tensor):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     cases = {"nope.jsonl": ["prepare", "--meta", str(tmp_path / "nope.jsonl"), "--vq", "x", "--resolution", "512", "--out", "o"],
              "--vq": ["prepare", "--meta", "m"], "--n 0": ["shapes", "--out", str(tmp_path), "--n", "0"], "frobnicate": ["frobnicate"],
-             "texture": ["shapes", "--out", str(tmp_path), "--n", "2", "--categories", "counting", "texture"]}
+             "texture": ["shapes", "--out", str(tmp_path), "--n", "2", "--categories", "counting", "texture"],
+             "lattice 3": ["shapes", "--out", str(tmp_path), "--n", "2", "--lattice", "3"]}
     for needle, argv in cases.items():
         with pytest.raises(SystemExit) as e:
             data.main(argv)
@@ -386,6 +387,33 @@ def test_shapes_captions():
     with pytest.raises(ValueError, match="hexagon"):
         data.render_shapes([dict(shape="hexagon", color="red", center=[0.5, 0.5], size=0.3)], 32)
     assert data._noun("circle", "orange") == "an orange circle" and data._noun("square", "red", 3) == "three red squares"
+
+
+def test_shapes_lattice():
+    """Sides and box edges on the 1/LATTICE grid (the default), anywhere with lattice=0; both within the spec."""
+    L, sides, edges = data.LATTICE, set(), []
+    for lattice in (L, 0):
+        for i in range(300):
+            rng = np.random.default_rng([7, i])
+            spec, _, _ = data.sample_scene(rng, data.CATEGORIES[i % len(data.CATEGORIES)], lattice=lattice)
+            for o in spec:
+                assert data.MIN_SIZE <= o["size"] <= data.MAX_SIZE
+                corner = np.subtract(o["center"], o["size"] / 2) * L
+                on = np.allclose(corner, np.round(corner)) and np.isclose(o["size"] * L, round(o["size"] * L))
+                assert on == (lattice == L), (lattice, o)
+                if lattice:
+                    sides.add(round(o["size"] * L))
+                    edges += [*np.round(corner), *np.round(corner) + o["size"] * L]
+    assert sides == {4, 5, 6} and min(edges) >= 1 and max(edges) <= L - 1
+    off = data.ShapesDataset(6, 64, seed=3, lattice=0)[0]["spec"][0]
+    assert off != data.ShapesDataset(6, 64, seed=3)[0]["spec"][0] and not np.isclose(off["size"] * L, round(off["size"] * L))
+    for lattice in (9, 20):  # other lattices keep the spec's sides
+        spec = data.ShapesDataset(12, 64, seed=0, lattice=lattice)[1]["spec"]
+        assert all(data.MIN_SIZE <= o["size"] <= data.MAX_SIZE for o in spec)
+    # at 64 px a lattice step is 4 whole pixels: a square is drawn with hard edges even without antialiasing
+    item = data.ShapesDataset(6, 64, seed=3)[0]
+    square = dict(item["spec"][0], shape="square")
+    assert np.array_equal(np.asarray(data.render_shapes([square], 64)), np.asarray(data.render_shapes([square], 64, 1)))
 
 
 def test_shapes_cli_and_bpe_tokenizer(tmp_path):
