@@ -1,7 +1,7 @@
 """Training a small Cosmos-architecture visual tokenizer on the synthetic shapes, with a reconstruction loss.
 
     python train_vq.py --config nano --out checkpoints/nano/vq                 # the shipped one: 64 px -> 8x8 codes
-    python train_vq.py --config nano --out runs/vq --steps 50 --batch-size 8  # a quick look
+    python train_vq.py --config nano --out runs/vq --steps 50                 # a quick look
     # the decoder alone, on from a trained tokenizer: its codes stay the same, so an LM trained on them still fits
     python train_vq.py --init runs/vq --decoder-only --out runs/vq-dec --steps 2000 --lr 5e-4 --warmup-steps 0
     python -m pytest -q tests/test_nano.py
@@ -51,8 +51,9 @@ def get_parser():
     p.add_argument("--decoder-only", action="store_true", help="with --init: train post_quant_conv + decoder only")
     p.add_argument("--out", required=True, help="directory for config.json, model.safetensors, log.jsonl, psnr.json")
     p.add_argument("--size", type=int, default=64, help="image side in pixels, a multiple of the spatial compression")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=6000)
+    # Small batches learn more per image seen here: 32k images gave 25.3 dB at batch 32, 27.9 at 16, 30.5 at 8
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3, help="peak Adam lr: linear warmup, then cosine to 1/10")
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--train-images", type=int, default=20000, help="scenes drawn once (seed 0), then cycled")
