@@ -276,6 +276,7 @@ def checkpoint_defaults(ckpt_dir) -> dict:
     repetition_penalty: SimpleAR's published numbers used the file's 1.1 (Qwen2.5-Instruct's); 1.0 without it.
     guidance_scale (transformers' name) and negative_prompt (ours): a model trained from scratch may want its
     own, e.g. the nano model, which saw only the dropped caption "<|t2i|><|soi|>" as its unconditional input.
+    image_top_k (ours), not top_k: Qwen2.5-Instruct's file has top_k 20 for chat, which SimpleAR never applied.
     """
     path = os.path.join(ckpt_dir, "generation_config.json")
     gen = {}
@@ -284,7 +285,8 @@ def checkpoint_defaults(ckpt_dir) -> dict:
             gen = json.load(f)
     return dict(repetition_penalty=float(gen.get("repetition_penalty") or 1.0),
                 cfg=6.0 if gen.get("guidance_scale") is None else float(gen["guidance_scale"]),
-                negative_prompt=gen.get("negative_prompt", NEGATIVE_PROMPT))
+                negative_prompt=gen.get("negative_prompt", NEGATIVE_PROMPT),
+                top_k=None if gen.get("image_top_k") is None else int(gen["image_top_k"]))
 
 
 def load(ckpt, vq, device="cpu", dtype=torch.float32):
@@ -370,7 +372,8 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, default=None, help="guidance scale s: uncond + s*(cond - uncond) in "
                    "log-probs (default: the checkpoint's generation_config.json guidance_scale, else 6.0)")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=64000, help="1 = greedy; >= codebook size = off")
+    p.add_argument("--top-k", type=int, default=None, help="1 = greedy; >= codebook size = off (default: the "
+                   "checkpoint's generation_config.json image_top_k, else off)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="on already generated codes of the conditional logits (default: the checkpoint's "
@@ -399,11 +402,12 @@ def run(args):
     check_default_model(args.ckpt, args.vq)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     model, tokenizer, vq, ckpt = load(args.ckpt, args.vq, args.device, dtype)
-    given = dict(repetition_penalty=args.repetition_penalty, cfg=args.cfg, negative_prompt=args.negative_prompt)
+    given = dict(repetition_penalty=args.repetition_penalty, cfg=args.cfg, negative_prompt=args.negative_prompt,
+                 top_k=args.top_k)
     settings = {k: v if given[k] is None else given[k] for k, v in checkpoint_defaults(ckpt).items()}
     size = vq.config.resolution if args.size is None else args.size
     samples = text_to_image(model, tokenizer, vq, prompts, size, args.n, args.seed, batch_size=args.batch_size,
-                            compile=args.compile, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            compile=args.compile, temperature=args.temperature, top_p=args.top_p,
                             **settings)
     written = save_outputs(samples, prompts, args.seed, args.out, args.grid, args.save_codes)
     tokens = samples.codes.numel()

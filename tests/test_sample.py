@@ -203,12 +203,13 @@ def test_batch_composition_does_not_change_images(ckpts, tmp_path):
 
 
 def test_sampling_defaults_from_generation_config(ckpts, tmp_path):
-    assert checkpoint_defaults(ckpts[0]) == dict(repetition_penalty=1.1, cfg=6.0, negative_prompt=NEGATIVE_PROMPT)
+    assert checkpoint_defaults(ckpts[0]) == dict(repetition_penalty=1.1, cfg=6.0, negative_prompt=NEGATIVE_PROMPT,
+                                                 top_k=None)
     plain = write_tiny_lm(tmp_path / "plain", repetition_penalty=None)
     assert checkpoint_defaults(plain)["repetition_penalty"] == 1.0
     with open(os.path.join(plain, "generation_config.json"), "w") as f:
-        json.dump({"guidance_scale": 2.0, "negative_prompt": ""}, f)
-    assert checkpoint_defaults(plain) == dict(repetition_penalty=1.0, cfg=2.0, negative_prompt="")
+        json.dump({"guidance_scale": 2.0, "negative_prompt": "", "top_k": 20, "image_top_k": 10}, f)
+    assert checkpoint_defaults(plain) == dict(repetition_penalty=1.0, cfg=2.0, negative_prompt="", top_k=10)
 
 
 @pytest.mark.parametrize("args,match", [
