@@ -504,8 +504,8 @@ def sample_scene(rng, category, lattice=LATTICE):
         for (s, c), z in zip(objs, rng.uniform(MIN_SIZE, hi, len(objs))):
             if lattice:  # the nearest lattice side, then the box's top-left corner on a lattice point
                 z = sides[np.abs(sides - z).argmin()]
-                lo, top = np.ceil(GAP * lattice), np.floor((1 - GAP - z) * lattice)
-                center = rng.integers(lo, top + 1, 2) / lattice + z / 2
+                first, last = np.ceil(GAP * lattice), np.floor((1 - GAP - z) * lattice)
+                center = rng.integers(first, last + 1, 2) / lattice + z / 2
             else:
                 center = rng.uniform(z / 2 + GAP, 1 - z / 2 - GAP, 2)
             spec.append(dict(shape=s, color=c, center=center.tolist(), size=float(z)))
@@ -584,7 +584,8 @@ def _cli_prepare(args):
 def _cli_shapes(args):
     if args.n <= 0 or args.size <= 0:
         raise ValueError(f"--n {args.n} and --size {args.size} must be positive")
-    ds, texts = ShapesDataset(args.n, args.size, args.seed, args.categories, args.lattice), [*STYLE_PREFIXES, NEGATIVE_PROMPT]
+    ds = ShapesDataset(args.n, args.size, args.seed, args.categories, args.lattice)
+    texts = [*STYLE_PREFIXES, NEGATIVE_PROMPT]
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
     meta = os.path.join(args.out, "meta.jsonl")
     with open(meta + ".tmp", "w") as f:

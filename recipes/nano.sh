@@ -16,7 +16,7 @@
 #   6. samples the README's picture grid (sample.py)
 #   7. eval    GenEval-nano at sample.py's default sampling settings, 64 px (eval.py)
 #
-# Threads: torch's default (all cores) is right on an idle machine: two threads train the tokenizer 1.6x and
+# Threads: torch's default (all cores) is right on an idle machine: two threads train the tokenizer 1.4x and
 # the LM 2.1x faster than one here. When another process holds a core, each OpenMP thread waits for its peers at
 # every op and two threads ran 20x slower than one; THREADS=1 then.
 set -euo pipefail
