@@ -497,8 +497,9 @@ def sample_scene(rng, category, lattice=LATTICE):
         raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
     relation = list(RELATIONS)[rng.integers(4)] if category == "position" else None
     hi = MAX_SIZE if len(objs) <= 2 else 0.3  # up to four objects of 0.4 rarely fit: keep rejection sampling quick
-    top = min(np.floor(MAX_SIZE * lattice), round(hi * lattice))  # the lattice side nearest hi, within MAX_SIZE
-    sides = np.arange(np.ceil(MIN_SIZE * lattice), top + 1) / max(lattice, 1)
+    if lattice:  # the allowed sides: multiples of 1/lattice from MIN_SIZE up to the one nearest hi, within MAX_SIZE
+        top = min(np.floor(MAX_SIZE * lattice), round(hi * lattice))
+        sides = np.arange(np.ceil(MIN_SIZE * lattice), top + 1) / lattice
     while True:  # rejection sampling: objects inside the image, GAP apart, the relation unambiguous
         spec = []
         for (s, c), z in zip(objs, rng.uniform(MIN_SIZE, hi, len(objs))):

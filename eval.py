@@ -224,7 +224,7 @@ def reconstructions(vq_dir, n, size=None, seed=1, batch_size=64, device="cpu"):
 def sampling_defaults(ckpt_dir) -> dict:
     """sample.py's defaults: generate()'s, then the checkpoint's own (generation_config.json) as the CLI takes them."""
     params = inspect.signature(sample.generate).parameters
-    settings = {k: params[k].default for k in ("temperature", "top_k", "top_p")}
+    settings = {k: params[k].default for k in ("temperature", "top_p")}  # top_k: the checkpoint's, else none
     return dict(settings, **sample.checkpoint_defaults(ckpt_dir))
 
 
