@@ -305,8 +305,8 @@ def main(argv=None):
     p.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES)
     for name, kind in (("cfg", float), ("temperature", float), ("top-k", int), ("top-p", float),
                        ("repetition-penalty", float)):
-        p.add_argument(f"--{name}", type=kind, default=None, help="default: sample.generate's; the repetition "
-                       "penalty: the checkpoint's generation_config.json")
+        p.add_argument(f"--{name}", type=kind, default=None, help="default: as sample.py's (the checkpoint's "
+                       "generation_config.json, else sample.generate's)")
     p.add_argument("--negative-prompt", default=None, help="default: the checkpoint's, else SimpleAR's")
     p.add_argument("--batch-size", type=int, default=64, help="images per generate() call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

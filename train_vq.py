@@ -14,7 +14,7 @@ palette colours, where a pixel loss is the right one. Images are drawn on the fl
 (seed 0 for training, seed 1 held out), so no PNGs are needed.
 
 --decoder-only freezes the encoder and quant_conv (so the codes of every image stay what they were) and trains
-post_quant_conv + decoder further: recipes/nano.sh runs it on one core while the LM trains on the other.
+post_quant_conv + decoder further: sharper pictures from an LM already trained on those codes.
 
 Writes {out}/config.json + model.safetensors (CosmosTokenizer.save_pretrained, loadable by from_pretrained),
 {out}/log.jsonl (a line per --log-every steps: step, loss, lr) and, at the end, the held-out PSNR in
