@@ -1,6 +1,8 @@
 """GRPO: the LM learns from its own samples, scored by a reward (SimpleAR's third stage, after pretraining and SFT).
 
-    python grpo.py --ckpt checkpoints/nano --vq checkpoints/nano/vq --out runs/grpo --steps 100 --lr 3e-5 --beta 0
+    # the nano recipe's stage 5, from an LM checkpoint with its generation_config.json (the rollouts' settings)
+    python grpo.py --ckpt runs/nano/lm/step_0006000 --vq runs/nano/vq --out runs/grpo --steps 100 --prompts 16 \\
+        --group 8 --lr 1e-4 --beta 0
     python eval.py --ckpt runs/grpo/step_0000100 --vq checkpoints/nano/vq --n 4 --out out/geneval-grpo
     python grpo.py ... --resume          # continues from {out}/latest, exactly
     python -m pytest -q tests/test_grpo.py
@@ -59,7 +61,7 @@ def get_parser():
     p.add_argument("--steps", type=int, default=400, help="optimizer steps (SimpleAR's README curve: ~400)")
     p.add_argument("--prompts", type=int, default=7, help="captions per step (SimpleAR: 7, one per trainer GPU)")
     p.add_argument("--group", type=int, default=4, help="images per caption, the group of the advantage (SimpleAR: 4)")
-    p.add_argument("--categories", nargs="+", default=list(data.CATEGORIES), help="caption kinds, drawn uniformly")
+    p.add_argument("--categories", nargs="+", default=list(data.CATEGORIES), help="caption kinds, drawn uniformly from the list: repeat one to draw it more often")
     p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate, constant after the warmup (SimpleAR)")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup from 0")
     p.add_argument("--beta", type=float, default=0.04, help="weight of the k3 KL to the starting model; 0: no reference")
