@@ -4,6 +4,7 @@
 #     bash recipes/nano.sh                       # ~1 h on 2 CPU cores; work files in runs/nano/
 #     THREADS=1 bash recipes/nano.sh             # on a machine someone else is using too (see below)
 #     WORK=/tmp/nano OUT=/tmp/nano-ship bash recipes/nano.sh   # elsewhere; OUT is what sample.py --ckpt takes
+#     SEED=2 WORK=/tmp/nano2 OUT=/tmp/nano2-ship bash recipes/nano.sh  # another draw of everything random: run-to-run spread
 #
 # Stages (each prints its wall time, the total at the end):
 #   1. data    64 px shapes scenes (PNG + meta.jsonl) and the byte-level BPE of their captions (data.py shapes);
@@ -11,10 +12,14 @@
 #              objects, which a small LM learns first
 #   2. vq      a Cosmos-architecture tokenizer, preset nano: 64 px -> 8x8 codes of 1,000 (train_vq.py)
 #   3. codes   every training image encoded to codes (data.py prepare)
-#   4. lm      a Qwen2-architecture LM, preset nano, from scratch on SimpleAR's sequence layout (train.py)
-#   5. ship    LM + tokenizer.json + generation_config.json + vq/ + logs copied into $OUT
-#   6. samples the README's picture grid (sample.py)
-#   7. eval    GenEval-nano at sample.py's default sampling settings, 64 px (eval.py)
+#   4. lm      a Qwen2-architecture LM, preset nano, from scratch on SimpleAR's sequence layout (train.py); its
+#              checkpoint gets the sampling defaults (generation_config.json) the later stages and sample.py use
+#   5. rl      GRPO of that LM on its own samples, rewarded by the GenEval-nano detector on captions outside the
+#              benchmark's (grpo.py): SimpleAR's third stage, with the shapes world's judge in place of CLIP
+#   6. ship    the RL'd LM + tokenizer.json + generation_config.json + vq/ + logs copied into $OUT
+#   7. samples the README's picture grid (sample.py)
+#   8. eval    GenEval-nano at sample.py's default sampling settings, 64 px (eval.py), of the shipped model and,
+#              into $OUT/eval_before_rl, of the LM before stage 5
 #
 # Threads: torch's default (all cores) is right on an idle machine: two threads train the tokenizer 1.4x and
 # the LM 2.1x faster than one here. When another process holds a core, each OpenMP thread waits for its peers at
@@ -31,10 +36,15 @@ IMAGE_SIZE=${IMAGE_SIZE:-64}
 VQ_STEPS=${VQ_STEPS:-6000}
 VQ_IMAGES=${VQ_IMAGES:-20000}
 LM_CONFIG=${LM_CONFIG:-nano}
-LM_STEPS=${LM_STEPS:-7200}
+LM_STEPS=${LM_STEPS:-6000}
 LM_BATCH=${LM_BATCH:-16}
+RL_STEPS=${RL_STEPS:-100}
+RL_PROMPTS=${RL_PROMPTS:-16}
+RL_GROUP=${RL_GROUP:-8}
 EVAL_ARGS=${EVAL_ARGS:-}
+SEED=${SEED:-0}  # the LM's scenes, every init and order, the RL draws (the tokenizer's scenes and the benchmark stay)
 CATEGORIES="single_object colors two_object two_object counting counting position position color_attr color_attr"
+RL_CATEGORIES=${RL_CATEGORIES:-"single_object colors two_object counting counting position position position color_attr color_attr"}
 
 total_start=$(date +%s)
 declare -a report
@@ -50,27 +60,33 @@ stage() {  # stage NAME COMMAND...: run it, remember its wall time
 rm -rf "$WORK"
 mkdir -p "$WORK"
 stage data $PY data.py shapes --out "$WORK/data" --n "$N_IMAGES" --size "$IMAGE_SIZE" --vocab-size 512 \
-  --categories $CATEGORIES
-stage vq $PY train_vq.py --config nano --out "$WORK/vq" --size "$IMAGE_SIZE" --steps "$VQ_STEPS" --train-images "$VQ_IMAGES" --batch-size 8 --threads "$OMP_NUM_THREADS" --no-progress
+  --categories $CATEGORIES --seed "$SEED"
+stage vq $PY train_vq.py --config nano --out "$WORK/vq" --size "$IMAGE_SIZE" --steps "$VQ_STEPS" --train-images "$VQ_IMAGES" --batch-size 8 --threads "$OMP_NUM_THREADS" --seed "$SEED" --no-progress
 stage codes $PY data.py prepare --meta "$WORK/data/meta.jsonl" --vq "$WORK/vq" --resolution "$IMAGE_SIZE" --out "$WORK/codes" --batch-size 64
 # From scratch, a tiny model wants a far higher lr than SimpleAR's 1e-4 (which finetunes a pretrained Qwen2.5)
 stage lm $PY train.py --config "$LM_CONFIG" --tokenizer "$WORK/data/tokenizer" --data "$WORK/codes" --out "$WORK/lm" \
   --resolution "$IMAGE_SIZE" --steps "$LM_STEPS" --batch-size "$LM_BATCH" --lr 1e-3 --schedule cosine --warmup-steps 100 \
   --min-lr-ratio 0.1 --weight-decay 0.1 --beta2 0.95 --p-drop-cond 0.1 --save-every 0 --keep 1 --log-every 10 \
-  --no-progress
+  --seed "$SEED" --no-progress
+LM="$WORK/lm/$(cat "$WORK/lm/latest")"
+# sample.py, eval.py and grpo.py take their default sampling settings from here: no repetition penalty (SimpleAR
+# ships 1.1), guidance 2 against the caption-dropout sequence the model trained on (SimpleAR's negative text is
+# foreign to it), the 10 likeliest codes (GenEval-nano at seed 100, n 8: 0.758, 0.696 without; cfg 3: 0.638)
+echo '{"repetition_penalty": 1.0, "guidance_scale": 2.0, "negative_prompt": "", "image_top_k": 10, "do_sample": true}' \
+  > "$LM/generation_config.json"
+# lr 1e-4 where SimpleAR's 0.5B takes 1e-6 (a tiny model from scratch); no KL term (TRL's default today), which
+# saves the reference model's forward pass; the categories the LM gets wrong most often are drawn more often
+stage rl $PY grpo.py --ckpt "$LM" --vq "$WORK/vq" --out "$WORK/rl" --steps "$RL_STEPS" --prompts "$RL_PROMPTS" \
+  --group "$RL_GROUP" --lr 1e-4 --beta 0 --categories $RL_CATEGORIES --seed "$SEED" --no-progress
 
 ship() {
-  local lm="$WORK/lm/$(cat "$WORK/lm/latest")" tmp="$OUT.tmp$$"
+  local rl="$WORK/rl/$(cat "$WORK/rl/latest")" tmp="$OUT.tmp$$"
   rm -rf "$tmp"
   mkdir -p "$tmp/vq"
-  cp "$lm/config.json" "$lm/model.safetensors" "$lm/tokenizer.json" "$tmp/"
-  # sample.py and eval.py take their default sampling settings from here: no repetition penalty (SimpleAR ships
-  # 1.1), guidance 2 against the caption-dropout sequence the model trained on (SimpleAR's negative text is
-  # foreign to it), the 10 likeliest codes (GenEval-nano at seed 100, n 8: 0.758, 0.696 without; cfg 3: 0.638)
-  echo '{"repetition_penalty": 1.0, "guidance_scale": 2.0, "negative_prompt": "", "image_top_k": 10, "do_sample": true}' \
-    > "$tmp/generation_config.json"
+  cp "$rl/config.json" "$rl/model.safetensors" "$rl/tokenizer.json" "$rl/generation_config.json" "$tmp/"
   cp "$WORK/vq/config.json" "$WORK/vq/model.safetensors" "$WORK/vq/psnr.json" "$WORK/vq/log.jsonl" "$tmp/vq/"
   cp "$WORK/lm/log.jsonl" "$tmp/log.jsonl"
+  cp "$WORK/rl/log.jsonl" "$tmp/rl_log.jsonl"
   rm -rf "$OUT.old"
   if [ -e "$OUT" ]; then mv "$OUT" "$OUT.old"; fi
   mv "$tmp" "$OUT"
@@ -86,6 +102,8 @@ samples() {
 }
 stage samples samples
 stage eval $PY eval.py --ckpt "$OUT" --vq "$OUT/vq" --n 4 --size "$IMAGE_SIZE" --out "$OUT/eval" $EVAL_ARGS
+stage eval_before_rl $PY eval.py --ckpt "$LM" --vq "$OUT/vq" --n 4 --size "$IMAGE_SIZE" --out "$OUT/eval_before_rl" \
+  $EVAL_ARGS
 
 echo "== wall time per stage: ${report[*]}; total $(( $(date +%s) - total_start )) s"
 echo "== held-out PSNR: $(cat "$OUT/vq/psnr.json" | tr -d '\n ')"

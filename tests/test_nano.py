@@ -119,7 +119,7 @@ def test_shipped_model_generates_any_prompt(nano):
 
 def test_shipped_model_geneval_floor(nano, tmp_path):
     """One prompt per category, two images each, at the default sampling settings: above chance (an untrained model
-    scores 0). The shipped model scored 0.75 here and 0.733 on the full set (eval.py --n 4 --size 64)."""
+    scores 0). The shipped model scored 0.75 here and 0.821 on the full set (eval.py --n 4 --size 64)."""
     result = geneval.run_geneval(NANO, os.path.join(NANO, "vq"), str(tmp_path), n=2, size=64,
                                  prompts=geneval.prompt_set(1), progress=False)
     assert set(result["categories"]) == set(data.CATEGORIES)
@@ -130,10 +130,11 @@ def test_recipe_runs_at_toy_scale(tmp_path):
     """recipes/nano.sh end to end with every size shrunk: the commands and the shipping step fit together."""
     env = dict(os.environ, WORK=str(tmp_path / "work"), OUT=str(tmp_path / "ship"), THREADS="1", PYTHON=sys.executable,
                N_IMAGES="16", IMAGE_SIZE="32", VQ_STEPS="2", VQ_IMAGES="8", LM_STEPS="2", LM_BATCH="4",
-               LM_CONFIG="tiny", EVAL_ARGS="--prompts-per-category 1 --n 1")
+               LM_CONFIG="tiny", RL_STEPS="1", RL_PROMPTS="2", RL_GROUP="2", EVAL_ARGS="--prompts-per-category 1 --n 1")
     r = subprocess.run(["bash", os.path.join(ROOT, "recipes", "nano.sh")], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "wall time per stage" in r.stdout
     for name in ("model.safetensors", "tokenizer.json", "generation_config.json", "vq/model.safetensors",
-                 "eval/results.json", "samples_grid.png", "log.jsonl", "vq/log.jsonl", "vq/psnr.json"):
+                 "eval/results.json", "eval_before_rl/results.json", "samples_grid.png", "log.jsonl", "rl_log.jsonl",
+                 "vq/log.jsonl", "vq/psnr.json"):
         assert os.path.isfile(tmp_path / "ship" / name), name
