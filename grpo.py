@@ -33,10 +33,10 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -169,7 +169,7 @@ def run(args):
             raise ValueError(f"--categories: unknown {c!r}; expected some of {data.CATEGORIES}")
     sample.check_default_model(args.ckpt, args.vq)
     latest = os.path.join(args.out, "latest")
-    resume = os.path.join(args.out, open(latest).read().strip()) if args.resume and os.path.isfile(latest) else None
+    resume = os.path.join(args.out, Path(latest).read_text().strip()) if args.resume and os.path.isfile(latest) else None
     model, tok, vq, ckpt = sample.load(resume or args.ckpt, args.vq)
     aux = train.read_aux(ckpt)
     ref = Transformer.from_pretrained(args.ckpt).eval().requires_grad_(False) if args.beta else None
@@ -202,8 +202,8 @@ def run(args):
         adv = group_advantages(rewards)
         t1 = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
-        grad_norm, kl, n_seq = policy_step(model, ref, opt, tok, captions, rollout.codes, adv, first_id, vq.codebook_size,
-                                      args.beta, args.micro_batch, args.grad_clip)
+        grad_norm, kl, n_seq = policy_step(model, ref, opt, tok, captions, rollout.codes, adv, first_id,
+                                           vq.codebook_size, args.beta, args.micro_batch, args.grad_clip)
         sched.step()
         step += 1
         record = dict(step=step, reward=round(float(rewards.mean()), 4), grad_norm=round(grad_norm, 4), lr=lr,
@@ -212,7 +212,7 @@ def run(args):
         if kl is not None:
             record["kl"] = round(kl, 6)
         record["categories"] = {}
-        for c in args.categories:  # which kinds of caption the model gets right, step by step
+        for c in dict.fromkeys(args.categories):  # which kinds of caption the model gets right, step by step
             hits = [rewards[i].mean() for i, k in enumerate(categories) if k == c]
             if hits:
                 record["categories"][c] = round(float(np.mean(hits)), 3)
