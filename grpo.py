@@ -33,7 +33,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -74,7 +73,8 @@ def get_parser():
     p.add_argument("--seed", type=int, default=0, help="captions and image seeds of step s derive from (seed, s)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps and at the end; 0: end only")
     p.add_argument("--keep", type=int, default=1, help="checkpoints to keep; 0: all")
-    p.add_argument("--resume", action="store_true", help="continue from {out}/latest when there is one")
+    p.add_argument("--resume", nargs="?", const="auto", help="continue from a grpo.py checkpoint directory, or (no "
+                                                            "value / auto) from {out}/latest when there is one")
     p.add_argument("--stop-after", type=int, default=0, help="end this invocation after N steps with a checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
@@ -168,8 +168,7 @@ def run(args):
         if c not in data.CATEGORIES:
             raise ValueError(f"--categories: unknown {c!r}; expected some of {data.CATEGORIES}")
     sample.check_default_model(args.ckpt, args.vq)
-    latest = os.path.join(args.out, "latest")
-    resume = os.path.join(args.out, Path(latest).read_text().strip()) if args.resume and os.path.isfile(latest) else None
+    resume = train.find_resume(args)  # train.py's --resume: the same checkpoints, the same rule
     model, tok, vq, ckpt = sample.load(resume or args.ckpt, args.vq)
     aux = train.read_aux(ckpt)
     ref = Transformer.from_pretrained(args.ckpt).eval().requires_grad_(False) if args.beta else None
@@ -233,7 +232,7 @@ def main(argv=None):
     try:
         run(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"grpo.py: {e}", file=sys.stderr)
+        print(f"grpo.py: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2)
 
 
