@@ -24,7 +24,7 @@ them: single_object and colors hold the same kind of prompt ("a red circle"), th
 shapes, the second over the colours.
 """
 import argparse
-import inspect
+import dataclasses
 import json
 import os
 import re
@@ -221,29 +221,22 @@ def reconstructions(vq_dir, n, size=None, seed=1, batch_size=64, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------- generation and reports
-def sampling_defaults(ckpt_dir) -> dict:
-    """sample.py's defaults: generate()'s, then the checkpoint's own (generation_config.json) as the CLI takes them."""
-    params = inspect.signature(sample.generate).parameters
-    settings = {k: params[k].default for k in ("temperature", "top_p")}  # top_k: the checkpoint's, else none
-    return dict(settings, **sample.checkpoint_defaults(ckpt_dir))
-
-
 def run_geneval(ckpt, vq, out_dir, n=4, size=None, seed=0, prompts=None, batch_size=64, device="cpu", progress=True,
-                **sampling) -> dict:
+                dtype="auto", quantize=None, compile=False, **sampling) -> dict:
     """Generate n images per prompt (default: prompt_set()) with sample.py, score them, write results.json and
-    grid.png to out_dir. size None: the visual tokenizer's own resolution. sampling: cfg, temperature, top_k,
-    top_p, repetition_penalty, negative_prompt; unset ones take sample.py's defaults."""
+    grid.png to out_dir. size None: the visual tokenizer's own resolution. sampling: Sampling's fields; unset
+    (None) ones take the checkpoint's generation_config.json, then Sampling's defaults."""
     prompts = prompt_set() if prompts is None else prompts
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    model, tokenizer, vq_model, ckpt_dir = sample.load(ckpt, vq, device, dtype)
-    sampling = dict(sampling_defaults(ckpt_dir), **{k: v for k, v in sampling.items() if v is not None})
+    model, tokenizer, vq_model, ckpt_dir = sample.load(ckpt, vq, device, dtype, quantize)
+    settings = sample.Sampling.from_checkpoint(ckpt_dir, **sampling)
     size = size or vq_model.config.resolution
     t0 = time.perf_counter()
     samples = sample.text_to_image(model, tokenizer, vq_model, [p["caption"] for p in prompts], size, n, seed,
-                                   batch_size=batch_size, progress=progress, **sampling)
+                                   settings, batch_size=batch_size, compile=compile, progress=progress)
     result = evaluate(prompts, samples.images)
-    result["settings"] = dict(ckpt=ckpt, vq=vq, n=n, size=size, seed=seed, **sampling, prompt_seed=PROMPT_SEED,
-                              seconds=round(time.perf_counter() - t0, 1))
+    result["settings"] = dict(ckpt=ckpt, vq=vq, n=n, size=size, seed=seed, **dataclasses.asdict(settings),
+                              dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."), quantize=quantize,
+                              prompt_seed=PROMPT_SEED, seconds=round(time.perf_counter() - t0, 1))
     save_results(result, samples.images, out_dir)
     return result
 
@@ -303,13 +296,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")
     p.add_argument("--prompts-per-category", type=int, default=10)
     p.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES)
-    for name, kind in (("cfg", float), ("temperature", float), ("top-k", int), ("top-p", float),
-                       ("repetition-penalty", float)):
-        p.add_argument(f"--{name}", type=kind, default=None, help="default: as sample.py's (the checkpoint's "
-                       "generation_config.json, else sample.generate's)")
-    p.add_argument("--negative-prompt", default=None, help="default: the checkpoint's, else SimpleAR's")
+    sample.add_sampling_args(p)
     p.add_argument("--batch-size", type=int, default=64, help="images per generate() call")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sample.add_runtime_args(p)
     p.add_argument("--ground-truth", action="store_true",
                    help="score each prompt's rendered scene, one per prompt (no model)")
     p.add_argument("--reconstruct", type=int, default=0, metavar="N",
@@ -334,10 +323,10 @@ def main(argv=None):
             result = dict(evaluate(prompts, images), settings=dict(ground_truth=True, size=args.size or 256))
             save_results(result, images, args.out)
         else:
+            flags = sample.sampling_flags(args)
+            dtype = sample.runtime_dtype(args, "eval.py")
             result = run_geneval(args.ckpt, args.vq, args.out, args.n, args.size, args.seed, prompts, args.batch_size,
-                                 args.device, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                                 negative_prompt=args.negative_prompt)
+                                 args.device, dtype=dtype, quantize=args.quantize, compile=args.compile, **flags)
     except (ValueError, FileNotFoundError) as e:
         print(f"eval.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2)

@@ -29,6 +29,7 @@ starting checkpoint's generation_config.json, so sample.py and eval.py use the s
 randomness (captions, image seeds) derives from (--seed, step), so a resumed run repeats the uninterrupted one.
 """
 import argparse
+import copy
 import json
 import os
 import sys
@@ -67,9 +68,10 @@ def get_parser():
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm; 0: off")
     p.add_argument("--micro-batch", type=int, default=64, help="sequences per forward/backward pass (memory only)")
     p.add_argument("--size", type=int, default=None, help="image side; default: the visual tokenizer's resolution")
-    p.add_argument("--cfg", type=float, default=None, help="rollout guidance; default: the checkpoint's")
-    p.add_argument("--top-k", type=int, default=None, help="rollout top-k; default: the checkpoint's")
-    p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
+    sample.add_sampling_args(p)  # the rollouts' sampling settings
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the rollouts' dtype (auto: bfloat16 where the hardware computes it natively); "
+                   "the policy and its update stay float32")
     p.add_argument("--seed", type=int, default=0, help="captions and image seeds of step s derive from (seed, s)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps and at the end; 0: end only")
     p.add_argument("--keep", type=int, default=1, help="checkpoints to keep; 0: all")
@@ -167,16 +169,20 @@ def run(args):
     for c in args.categories:
         if c not in data.CATEGORIES:
             raise ValueError(f"--categories: unknown {c!r}; expected some of {data.CATEGORIES}")
+    flags = sample.sampling_flags(args)
     sample.check_default_model(args.ckpt, args.vq)
     resume = train.find_resume(args)  # train.py's --resume: the same checkpoints, the same rule
-    model, tok, vq, ckpt = sample.load(resume or args.ckpt, args.vq)
+    model, tok, vq, ckpt = sample.load(resume or args.ckpt, args.vq, dtype=torch.float32, decoding=False)
     aux = train.read_aux(ckpt)
     ref = Transformer.from_pretrained(args.ckpt).eval().requires_grad_(False) if args.beta else None
-    settings = geneval.sampling_defaults(ckpt)
-    settings.update({k: v for k, v in dict(cfg=args.cfg, top_k=args.top_k, temperature=args.temperature).items()
-                     if v is not None})
+    settings = sample.Sampling.from_checkpoint(ckpt, **flags)
     size = args.size or vq.config.resolution
     first_id = data.first_image_id(model.args.vocab_size, vq.codebook_size, tok.get_vocab_size())
+    vocab = (first_id, first_id + vq.codebook_size)
+    dtype = sample.runtime_dtype(args, "grpo.py")
+    # rollouts in the fast dtype run on a copy of the policy, refreshed before every rollout
+    roller = copy.deepcopy(model).to(dtype).eval() if dtype != torch.float32 else model
+    vq = vq.to(dtype)
     exclude = frozenset(p["caption"] for p in geneval.prompt_set())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
@@ -195,8 +201,11 @@ def run(args):
         rng = np.random.default_rng([args.seed, step])
         categories, captions = map(list, zip(*draw_captions(rng, args.prompts, args.categories, exclude)))
         model.eval()
-        rollout = sample.text_to_image(model, tok, vq, captions, size, args.group, seed=int(rng.integers(2**31)),
-                                       batch_size=args.prompts * args.group, progress=False, **settings)
+        if roller is not model:
+            roller.load_state_dict(model.state_dict())
+            roller.prepare_decoding(vocab)
+        rollout = sample.text_to_image(roller, tok, vq, captions, size, args.group, int(rng.integers(2**31)),
+                                       settings, batch_size=args.prompts * args.group, progress=False)
         rewards = geneval_reward(captions, rollout.images)
         adv = group_advantages(rewards)
         t1 = time.perf_counter()

@@ -133,15 +133,19 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def linear(x, w, b=None):
-    """F.linear, with a faster CPU path for the few rows of a decode step.
+def linear(x, w, b=None, packed=None):
+    """F.linear [..., K] x [N, K] -> [..., N], with faster CPU kernels for inference.
 
-    MKL's x @ W.T reads W at a third of the memory bandwidth when x has 2-8 rows, while W @ x.T
-    streams W row by row at full speed; decoding is bound by exactly that read. x must be a
-    contiguous [rows, K] so that x.T is a view: with a contiguous [K, rows] MKL is slow again.
+    * packed: oneDNN's blocked copy of w (`pack_weights`), for bf16 on CPU. F.linear reorders the
+      weight into that layout on every call; packed once, a 2-row decode step reads bf16 weights at
+      22 GB/s instead of 17 here, for the same row-wise results at any row count.
+    * float32 with 2-8 rows: W @ x.T. MKL's x @ W.T reads W at a third of the memory bandwidth for
+      so few rows; W @ x.T streams it at full speed (31 GB/s here). In bf16 it is the slow one.
     """
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b, "none", [], "")
     rows = x.numel() // x.shape[-1]
-    if rows > 8 or x.device.type != "cpu":
+    if rows > 8 or x.device.type != "cpu" or w.dtype != torch.float32:
         return F.linear(x, w, b)
     y = (w @ x.reshape(rows, -1).contiguous().t()).t()
     if b is not None:
@@ -150,8 +154,41 @@ def linear(x, w, b=None):
 
 
 class Linear(nn.Linear):
+    """nn.Linear through `linear`; `packed` holds oneDNN's copy of the weight once packed."""
+
+    packed = None
+
     def forward(self, x):
-        return linear(x, self.weight, self.bias)
+        # the packed copy is an eager kernel for inference; compiled graphs and training use weight
+        fast = self.packed is not None and not torch.is_grad_enabled()
+        packed = self.packed if fast and not torch.compiler.is_compiling() else None
+        return linear(x, self.weight, self.bias, packed)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 with one scale per output row, as gpt-fast quantizes: w ~ q * scale,
+    q = round(w / scale) in [-127, 127], scale = max |w_row| / 127. Activations stay in their dtype.
+
+    On CPU with bf16 activations, PyTorch's int8 weight-only kernel (`torch._weight_int8pack_mm`)
+    reads the int8 weights directly; elsewhere the weights are dequantized per call.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        w = weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        q = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales.to(weight.dtype))
+        self.bias = bias
+
+    def forward(self, x):
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
+            y = y.reshape(*x.shape[:-1], -1)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return y if self.bias is None else y + self.bias
 
 
 class Attention(nn.Module):
@@ -163,7 +200,9 @@ class Attention(nn.Module):
         self.v_proj = Linear(a.dim, a.n_kv_heads * a.head_dim, bias=True)
         self.o_proj = Linear(a.n_heads * a.head_dim, a.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask=None, kv_cache=None, input_pos=None, kv_len=None):
+    def forward(self, x, cos, sin, mask=None, kv_cache=None, cols=None, kv_len=None):
+        """x [B, T, dim]. With kv_cache ([2, B', n_kv_heads, S, head_dim], B' >= B): row b's keys and
+        values are written at its cache columns cols [B, T], then it attends over the first kv_len."""
         B, T, _ = x.shape
         hd, nkv = self.head_dim, self.n_kv_heads
         rep = self.n_heads // nkv
@@ -171,19 +210,20 @@ class Attention(nn.Module):
         k = self.k_proj(x).reshape(B, T, nkv, hd).transpose(1, 2)
         v = self.v_proj(x).reshape(B, T, nkv, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is None and mask is None:  # training: plain causal attention
+        if kv_cache is None:  # training and references: plain causal attention
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            if kv_cache is not None:
-                k_cache, v_cache = kv_cache[0][:B], kv_cache[1][:B]
-                k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
-                v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
-                k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+            k_cache, v_cache = kv_cache[0][:B], kv_cache[1][:B]
+            where = cols[:, None, :, None].expand(B, nkv, T, hd)
+            k_cache.scatter_(2, where, k.to(k_cache.dtype))
+            v_cache.scatter_(2, where, v.to(v_cache.dtype))
+            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
             # Grouped-query attention without copying keys: fold the `rep` query heads that share a
             # key head into the query length, so K/V are read once per key head.
             q = q.reshape(B, nkv, rep * T, hd)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.repeat(1, 1, rep, 1))
+            mask = mask.repeat(1, 1, rep, 1)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         y = y.reshape(B, self.n_heads, T, hd).transpose(1, 2).reshape(B, T, self.n_heads * hd)
         return self.o_proj(y)
 
@@ -207,9 +247,47 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(a.dim, a.norm_eps)
         self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, kv_cache=None, input_pos=None, kv_len=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, input_pos, kv_len)
+    def forward(self, x, cos, sin, mask=None, kv_cache=None, cols=None, kv_len=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cols, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16). Without them
+    oneDNN emulates bf16 matmuls, which some CPUs run hundreds of times slower than float32."""
+    caps = torch._C._cpu._get_cpu_capability()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def resolve_dtype(name: str, device) -> tuple[torch.dtype, str | None]:
+    """(dtype, warning or None) for a --dtype flag: "auto" is bfloat16 where the hardware computes
+    it natively (a CUDA device that supports it, a CPU with bf16 instructions), else float32.
+    The warning is one line, for a dtype that runs but is very slow on this hardware."""
+    device = torch.device(device)
+    if name == "auto":
+        if device.type == "cuda":
+            return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), None
+        return (torch.bfloat16 if device.type == "cpu" and cpu_bf16_native() else torch.float32), None
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+    dtype = DTYPES[name]
+    if device.type == "cpu" and dtype != torch.float32 and not cpu_bf16_native():
+        return dtype, (f"{name} on a CPU without bf16 instructions is emulated and can be far slower "
+                       "than float32 (--dtype auto picks float32 here)")
+    return dtype, None
+
+
+def pack_weights(model: nn.Module):
+    """Gives every `Linear` of model oneDNN's packed copy of its weight when that pays: bf16 on a
+    CPU (see `linear`). The copies are for inference: refresh them after changing the weights."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            w = m.weight.detach()
+            fast = w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(w, 2) if fast else None
 
 
 class KVCache(nn.Module):
@@ -244,6 +322,9 @@ class Transformer(nn.Module):
         self.lm_head = None if args.tie_word_embeddings else Linear(args.dim, args.vocab_size, bias=False)
         self.cache: KVCache | None = None
         self.gradient_checkpointing = False
+        # prepare_decoding(): (lo, hi, module), a head over vocabulary rows [lo, hi) only, packed or
+        # int8. A tuple, so that it stays out of parameters() and the state dict.
+        self.decode_head: tuple[int, int, nn.Module] | None = None
 
     def head_weight(self):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -251,79 +332,116 @@ class Transformer(nn.Module):
     # ----------------------------------------------------------------------------------------
     # forward
 
-    def forward(self, tokens, input_pos=None, vocab=None, kv_len=None, last_only=False, start=None):
-        """Float32 logits [B, T, V] (V = hi - lo when vocab=(lo, hi); T = 1 when last_only).
+    def forward(self, tokens, input_pos=None, vocab=None, kv_len=None, last_only=False):
+        """Float32 logits [B, T, V] for tokens [B, T] (V = hi - lo when vocab=(lo, hi); T = 1 when
+        last_only).
 
-        Without input_pos: an uncached causal forward over positions 0..T-1 (row b starting at
-        column start[b] if given). With input_pos [T], the cache columns of these tokens: reads and
-        writes `self.cache`; each token sees the columns <= its own from its row's start on.
-        kv_len limits attention to the first kv_len cache columns (eager speed-up; leave it None
-        under torch.compile so shapes stay static).
+        Without input_pos: an uncached causal forward over positions 0..T-1 (training, references).
+        With input_pos, the cache columns of the tokens: [T] for every row, or [B, T] for row b's own
+        columns, so rows can hold different numbers of tokens. Each token is written to
+        `self.cache` at its column and sees the columns <= its own from its row's start on, so
+        rolling back is writing at earlier columns. kv_len limits attention to the first kv_len
+        cache columns (an eager speed-up; under torch.compile leave it None: static shapes).
         """
-        h = self.hidden(tokens, input_pos, kv_len, start)
+        h = self.hidden(tokens, input_pos, kv_len)
         if last_only:
             h = h[:, -1:]
         return self.logits(h, vocab)
 
     def logits(self, h, vocab=None):
         """Head over vocabulary rows [lo, hi) only: a view of the weight, no copy."""
-        w = self.head_weight()
-        if vocab is not None:
-            w = w[vocab[0]:vocab[1]]
-        return linear(h, w).float()
+        lo, hi = vocab or (0, self.args.vocab_size)
+        if self.decode_head is not None and self.decode_head[:2] == (lo, hi) and not torch.is_grad_enabled():
+            return self.decode_head[2](h).float()
+        return linear(h, self.head_weight()[lo:hi]).float()
 
-    def hidden(self, tokens, input_pos=None, kv_len=None, start=None):
+    def hidden(self, tokens, input_pos=None, kv_len=None):
         """Final-norm hidden states [B, T, dim]."""
         B, T = tokens.shape
-        device = tokens.device
         x = self.embed_tokens(tokens)
-        mask = None
-        if input_pos is not None:
+        mask = cols = None
+        if input_pos is None:
+            pos = torch.arange(T, device=tokens.device).expand(B, T)
+        else:
             if self.cache is None:
                 raise ValueError("input_pos given but no cache: call setup_cache() first")
-            start = self.cache.start[:B]
             kv_len = kv_len or self.cache.max_seq_len
-            cols = input_pos
-        elif start is not None:
-            cols, kv_len = torch.arange(T, device=device), T
-        if input_pos is not None or start is not None:
-            k = torch.arange(kv_len, device=device)
-            q = cols[:, None]
-            # a left-padding query sees only itself, so no row is all -inf (NaN) and padding never leaks
-            mask = ((k <= q) & (k >= start[:, None, None, None])) | (k == q)
-            pos = (cols[None, :] - start[:, None]).clamp(min=0)
-        else:
-            pos = torch.arange(T, device=device).expand(B, T)
+            cols = input_pos.expand(B, T)  # [T] or [B, T] -> [B, T]
+            start = self.cache.start[:B, None]
+            key = torch.arange(kv_len, device=tokens.device)
+            q = cols[:, None, :, None]  # [B, 1, T, 1] against keys [kv_len]
+            # a left-padding query sees only itself: no row is all -inf (NaN), padding never leaks
+            mask = ((key <= q) & (key >= start[:, :, None, None])) | (key == q)
+            pos = (cols - start).clamp(min=0)
         cos, sin = rope_cos_sin(pos, self.args.head_dim, self.args.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
             kv = None if input_pos is None else self.cache.kv[i]
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv, input_pos, kv_len)
+                x = layer(x, cos, sin, mask, kv, cols, kv_len)
         return self.norm(x)
 
     # ----------------------------------------------------------------------------------------
     # cache
 
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> KVCache:
+        """A zeroed cache of batch_size rows and max_seq_len columns; the current one is reused when
+        it has the same size (a compiled decode step then sees the same buffers)."""
         p = self.embed_tokens.weight
-        self.cache = KVCache(self.args, batch_size, max_seq_len, dtype or p.dtype, device or p.device)
+        dtype = dtype or p.dtype
+        device = device or p.device
+        c = self.cache
+        if c is None or (c.batch_size, c.max_seq_len, c.kv.dtype) != (batch_size, max_seq_len, dtype):
+            self.cache = KVCache(self.args, batch_size, max_seq_len, dtype, device)
+        else:
+            c.kv.zero_()
+            c.start.zero_()
         return self.cache
 
     def prefill(self, prompts: list[list[int]], vocab=None):
-        """Left-pads the prompts into cache rows 0..len-1 and runs them; returns the last logits [B, V]
-        and the next free column."""
+        """Left-pads the prompts into cache rows 0..len-1 and runs them; returns the last logits
+        [len(prompts), V] and the next free column. ValueError when they do not fit the cache."""
         T = max(len(p) for p in prompts)
         if self.cache is None or len(prompts) > self.cache.batch_size or T > self.cache.max_seq_len:
             raise ValueError("prefill does not fit the cache: call setup_cache() with enough rows/columns")
+        if torch.is_grad_enabled():
+            raise RuntimeError("prefill writes the cache in place: call it under torch.no_grad()")
         device = self.cache.kv.device
         tokens = torch.zeros(len(prompts), T, dtype=torch.long, device=device)
         for b, p in enumerate(prompts):
             tokens[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
             self.cache.start[b] = T - len(p)
-        logits = self(tokens, input_pos=torch.arange(T, device=device), vocab=vocab, kv_len=T, last_only=True)
+        pos = torch.arange(T, device=device)
+        logits = self(tokens, input_pos=pos, vocab=vocab, kv_len=T, last_only=True)
         return logits[:, 0], T
+
+    # ----------------------------------------------------------------------------------------
+    # inference kernels
+
+    @torch.no_grad()
+    def prepare_decoding(self, vocab: tuple[int, int], quantize: str | None = None):
+        """Readies the weights for fast inference (not training): int8 weights when quantize ==
+        "int8" (every linear layer and the head rows; the embedding stays), and oneDNN-packed bf16
+        weights on CPU. The head over rows [lo, hi) becomes its own module, so that a tied head
+        is packed or quantized for the rows that are sampled only. Returns self."""
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        lo, hi = vocab
+        head = self.head_weight()[lo:hi]
+        if quantize == "int8":
+            for parent in self.modules():
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, Linear) and child is not self.lm_head:
+                        setattr(parent, name, Int8Linear(child.weight, child.bias))
+            module = Int8Linear(head)
+        else:
+            module = Linear(self.args.dim, hi - lo, bias=False, device="meta")
+            module.weight = nn.Parameter(head, requires_grad=False)
+            pack_weights(self)
+            pack_weights(module)
+        self.decode_head = (lo, hi, module)
+        return self
 
     # ----------------------------------------------------------------------------------------
     # Hugging Face checkpoints

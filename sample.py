@@ -1,4 +1,4 @@
-"""Text-to-image sampling with SimpleAR checkpoints: guidance, filtering, the decode loop, the CLI.
+"""Text-to-image sampling with SimpleAR checkpoints: the settings, prefill, the decode step, the loop, the CLI.
 
     python sample.py --prompt "two red circles"     # the shipped nano model (checkpoints/nano), 64², CPU, offline
     python sample.py --prompt "a cat wearing a hat" --ckpt Daniel0724/SimpleAR-0.5B-RL \\
@@ -6,27 +6,33 @@
     python sample.py --prompts-file prompts.txt --ckpt DIR --vq DIR --size 512 --n 2 --grid --save-codes
     python -m pytest tests/test_sample.py
 
-One step of SimpleAR's generation (its Hugging Face path, simplear.md section 3.1), per image:
-conditional logits → repetition penalty (from generation_config.json) → log-softmax of both
-branches → uncond + s·(cond − uncond) → temperature → top-k → top-p → multinomial. Two things
-differ, both on purpose:
+Generation is split as gpt-fast splits it (pytorch-labs/gpt-fast, generate.py): `prefill` runs the
+prompts once, `decode_one_token` is one forward + guidance + filtering + the draw, and
+`decode_n_tokens` is the loop that calls it; under `--compile` the step compiles once, and nothing in
+the loop waits for the device. One step follows SimpleAR's Hugging Face path (wdrink/SimpleAR,
+simpar/model/language_model/ generate with its CFG logits processor), per image:
+conditional logits → repetition penalty → log-softmax of both branches → uncond + s·(cond − uncond) →
+temperature → top-k → top-p → a draw. Two things differ, both on purpose:
 
 * Scores are computed for the image rows only (`model(..., vocab=(first_id, first_id + K))`), so
   a text token can never be sampled; SimpleAR samples over the whole vocabulary and clamps a
   sampled text id into a code. Up to the text tokens' share, the distribution is the same
-  (see cfg_combine).
-  Likewise, SimpleAR's top-k 64,000 over all 215,672 rows keeps a few text ids and drops as
-  many codes; here top-k >= the codebook is no filter at all. Its top-p (1.0 by default) counts
-  the text tokens' share; here it is over the codes alone. A sampled EOS cannot end an image early.
-* Every image draws from its own torch.Generator, seeded from (seed, image index), so an image
-  does not depend on which other prompts share its batch.
+  (see cfg_combine). Likewise, SimpleAR's top-k 64,000 over all 215,672 rows keeps a few text ids
+  and drops as many codes; here top-k >= the codebook is no filter at all. Its top-p (1.0 by
+  default) counts the text tokens' share; here it is over the codes alone.
+* Every image's randomness is its own: image i draws its uniforms from
+  torch.Generator().manual_seed(seeds[i]) up front, and each step inverts the CDF at the next one.
+  So an image does not depend on which other prompts share its batch, and the compiled step needs
+  no generator.
 
 The conditional rows and the unconditional (negative prompt) rows run as one batch through the
 fused KV cache of model.py: rows [cond_1..cond_N, uncond_1..uncond_N]. Each distinct prompt and
 the negative prompt are prefilled once and copied into the rows that share them.
 """
 import argparse
+import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -41,7 +47,7 @@ from tqdm import tqdm
 from cosmos_tokenizer import CosmosTokenizer, tensor_to_uint8
 from data import (NEGATIVE_PROMPT, encode_negative, encode_prompts, first_image_id, load_text_tokenizer,
                   special_token_ids)
-from model import Transformer
+from model import Transformer, resolve_dtype
 
 # The project's own small model (the nano recipe), used when no --ckpt/--vq is given: it runs on a CPU, offline.
 DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "nano")
@@ -49,21 +55,98 @@ DEFAULT_VQ = os.path.join(DEFAULT_CKPT, "vq")
 
 
 # ------------------------------------------------------------------------------------------------
-# sampling primitives (jacobi.py and grpo.py reuse these; all act on the last dim, the image rows)
+# the settings
 
-def check_sampling(cfg=6.0, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0):
-    """ValueError naming the first bad setting."""
-    if not cfg >= 0:
-        raise ValueError(f"guidance scale must be >= 0, got {cfg}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top-k must be >= 1, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top-p must be in (0, 1], got {top_p}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition penalty must be > 0, got {repetition_penalty}")
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling settings, validated here and nowhere else. Defaults are SimpleAR's evaluation
+    settings: guidance 6 against its negative prompt, temperature 1, no top-k or top-p filter;
+    the repetition penalty is 1.0 here and 1.1 in SimpleAR's generation_config.json, which
+    `from_checkpoint` reads.
 
+    guidance_scale s: uncond + s·(cond − uncond) in log-probabilities; 1 = the conditional branch
+    alone (no negative prompt is run), 0 = the unconditional one. In [0, MAX_GUIDANCE].
+    negative_prompt: the text of the unconditional branch ("" = the dropped caption
+    "<|t2i|><|soi|>" that caption dropout trains).
+    temperature: > 0, finite. top_k: None (off) or >= 1; 1 is greedy. top_p: in (0, 1].
+    repetition_penalty: in [1/MAX_PENALTY, MAX_PENALTY], on the conditional logits of the codes this
+    image already holds (transformers' RepetitionPenaltyLogitsProcessor).
+    Raises ValueError naming the first bad setting.
+    """
+
+    guidance_scale: float = 6.0
+    negative_prompt: str = NEGATIVE_PROMPT
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    # Past these, float32 scores overflow or the setting means nothing more: s·(cond − uncond) is
+    # already an argmax of the difference at 1e4, and a penalty of 100 already forbids a repeat.
+    MAX_GUIDANCE = 1e4
+    MAX_PENALTY = 100.0
+
+    def __post_init__(self):
+        def number(name, value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+        number("guidance scale", self.guidance_scale)
+        if not 0 <= self.guidance_scale <= self.MAX_GUIDANCE:
+            raise ValueError(f"guidance scale must be in [0, {self.MAX_GUIDANCE:g}], got {self.guidance_scale}")
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError(f"negative prompt must be text, got {self.negative_prompt!r}")
+        number("temperature", self.temperature)
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature} (use top-k 1 for greedy)")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise ValueError(f"top-k must be an integer >= 1 (or None: off), got {self.top_k!r}")
+        number("top-p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+        number("repetition penalty", self.repetition_penalty)
+        if not 1 / self.MAX_PENALTY <= self.repetition_penalty <= self.MAX_PENALTY:
+            raise ValueError(f"repetition penalty must be in [{1 / self.MAX_PENALTY:g}, {self.MAX_PENALTY:g}], "
+                             f"got {self.repetition_penalty}")
+
+    @property
+    def guided(self) -> bool:
+        """Whether the unconditional branch runs (guidance_scale != 1)."""
+        return self.guidance_scale != 1.0
+
+    def replace(self, **overrides) -> "Sampling":
+        """A copy with the overrides that are not None (unset CLI flags stay as they are)."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir, **overrides) -> "Sampling":
+        """The settings a checkpoint's generation_config.json asks for, then the overrides that are
+        not None.
+
+        repetition_penalty: SimpleAR's published numbers used the file's 1.1 (Qwen2.5-Instruct's).
+        guidance_scale (transformers' name) and negative_prompt (ours): a model trained from scratch
+        may want its own, e.g. the nano model, which saw only the dropped caption as its
+        unconditional input. image_top_k (ours), not top_k: Qwen2.5-Instruct's file has top_k 20
+        for chat, which SimpleAR never applied.
+        """
+        path = os.path.join(ckpt_dir, "generation_config.json")
+        gen = {}
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8-sig") as f:
+                gen = json.load(f)
+        keys = dict(guidance_scale="guidance_scale", negative_prompt="negative_prompt", top_k="image_top_k",
+                    repetition_penalty="repetition_penalty")
+        found = {field: gen.get(key) for field, key in keys.items()}
+        if found["repetition_penalty"] is not None:
+            found["repetition_penalty"] = float(found["repetition_penalty"])
+        if found["guidance_scale"] is not None:
+            found["guidance_scale"] = float(found["guidance_scale"])
+        return cls().replace(**found).replace(**overrides)
+
+
+# ------------------------------------------------------------------------------------------------
+# one step of the sampling pipeline, on the image rows (jacobi.py and grpo.py reuse these)
 
 def apply_repetition_penalty(logits, seen, penalty):
     """transformers' RepetitionPenaltyLogitsProcessor over the image rows: logits [..., K] of the
@@ -98,10 +181,12 @@ def cfg_combine(cond, uncond, scale):
 def filter_logits(scores, temperature=1.0, top_k=None, top_p=1.0):
     """Temperature, then top-k, then top-p, as transformers' warpers do; removed entries are -inf.
 
-    top_k None or >= K keeps all; ties with the k-th score are kept. top-p drops the low tail whose
-    total probability is <= 1 - top_p, always keeping the best token.
+    The scores are shifted so that each row's best is 0 before dividing by the temperature: the
+    same distribution, and no overflow at any positive temperature. top_k None or >= K keeps all;
+    ties with the k-th score are kept. top-p drops the low tail whose total probability is
+    <= 1 - top_p, always keeping the best token.
     """
-    scores = scores / temperature
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -113,81 +198,155 @@ def filter_logits(scores, temperature=1.0, top_k=None, top_p=1.0):
     return scores
 
 
-def guided_scores(cond, uncond, seen, cfg=6.0, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0):
-    """One step of SimpleAR's logits pipeline over the image rows: filtered scores [..., K] whose
-    softmax is the sampling distribution. uncond may be None when cfg == 1."""
-    cond = apply_repetition_penalty(cond, seen, repetition_penalty)
-    return filter_logits(cfg_combine(cond, uncond, cfg), temperature, top_k, top_p)
+def guided_scores(cond, uncond, seen, sampling: "Sampling"):
+    """One step of SimpleAR's logits pipeline over the image rows: float32 scores [..., K] whose
+    softmax is the sampling distribution. cond, uncond [..., K] (uncond unused, may be None, when
+    the guidance scale is 1); seen [..., K] bool, the codes each image already holds."""
+    s = sampling
+    cond = apply_repetition_penalty(cond.float(), seen, s.repetition_penalty)
+    scores = cfg_combine(cond, None if uncond is None else uncond.float(), s.guidance_scale)
+    return filter_logits(scores, s.temperature, s.top_k, s.top_p)
 
 
-def sample_from(scores, generators):
-    """One draw per row of scores [B, K] with that row's own generator → LongTensor [B]."""
+def draw(scores, u):
+    """Inverse-CDF draws: row r takes the first code whose cumulative probability exceeds u[r].
+    scores [R, K] (softmax = the distribution), u [R] uniforms in [0, 1) → LongTensor [R].
+
+    A code of probability 0 is never drawn: where rounding puts u·total at the very top of the CDF,
+    the last code of non-zero probability is taken.
+    """
     probs = torch.softmax(scores, dim=-1)
-    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+    cdf = probs.cumsum(dim=-1)
+    x = (u * cdf[:, -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, x, right=True).squeeze(-1)
+    last = scores.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+    return torch.minimum(idx, last)
 
 
-def make_generators(seeds, device):
-    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+def uniforms(seeds, n, device) -> torch.Tensor:
+    """[len(seeds), n] float32 in [0, 1): row i from torch.Generator().manual_seed(seeds[i]) on the
+    CPU, so a seed gives the same draws on every device."""
+    rows = [torch.rand(n, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(rows).to(device)
+
+
+def sample_codes(logits, seen, u, sampling: Sampling):
+    """The draw of one step from the logits of its rows: logits [R, K] float32 (R = 2N with guidance:
+    N conditional rows, then their N unconditional ones; R = N without), seen [N, K] bool, u [N]
+    → codes [N]."""
+    n = u.shape[0]
+    uncond = logits[n:] if sampling.guided else None
+    return draw(guided_scores(logits[:n], uncond, seen, sampling), u)
 
 
 # ------------------------------------------------------------------------------------------------
-# the decode loop
+# prefill, the decode step, the loop
+
+def prefill(model, prompts, negative, vocab, n_tokens, sampling: Sampling, compile=False):
+    """Sets up the cache and runs the prompts: float32 logits [R, K] of the image rows and the first
+    free cache column. Rows are [prompts..., negative × N] with guidance, [prompts...] without;
+    each distinct prompt (and the negative prompt) is run once and copied into its rows.
+    compile: the cache length is rounded up to a multiple of 256, so that prompts of other lengths
+    reuse the compiled decode step."""
+    n = len(prompts)
+    unique = list(dict.fromkeys(map(tuple, prompts)))
+    runs = [list(p) for p in unique] + ([list(negative)] if sampling.guided else [])
+    rows = [unique.index(tuple(p)) for p in prompts] + [len(unique)] * (n if sampling.guided else 0)
+    T = max(map(len, runs))
+    S = T + n_tokens - 1
+    if compile:
+        S = -(-S // 256) * 256
+    model.setup_cache(len(rows), S)
+    logits, col = model.prefill(runs, vocab=vocab)
+    model.cache.copy_rows(rows, list(range(len(rows))))
+    return logits[rows], col
+
+
+def decode_one_token(model, tokens, input_pos, seen, u, sampling: Sampling, vocab, kv_len=None):
+    """One decode step: the forward of tokens [R, 1] at cache columns input_pos ([1] or [R, 1]),
+    then guidance, filtering and the draw → codes [N]. Compiled once under --compile."""
+    logits = model(tokens, input_pos=input_pos, vocab=vocab, kv_len=kv_len)[:, -1]
+    return sample_codes(logits, seen, u, sampling)
+
+
+_compiled_steps = {}
+
+
+def compiled_step(device):
+    """decode_one_token compiled for a device type: once per process, whole-graph (a graph break,
+    e.g. a host sync, is an error), static shapes; CUDA graphs on CUDA."""
+    kind = torch.device(device).type
+    if kind not in _compiled_steps:
+        mode = "reduce-overhead" if kind == "cuda" else None
+        _compiled_steps[kind] = torch.compile(decode_one_token, fullgraph=True, dynamic=False, mode=mode)
+    return _compiled_steps[kind]
+
+
+def decode_n_tokens(model, logits, col, u, sampling: Sampling, first_id, vocab, compile=False,
+                    progress=True):
+    """The loop: codes [N, n] from the prefill's logits [R, K] (R rows, as `prefill` lays them
+    out), its first free column col and the uniforms u [N, n] (n = tokens per image)."""
+    n_images, n_tokens = u.shape
+    device = logits.device
+    seen = torch.zeros(n_images, vocab[1] - vocab[0], dtype=torch.bool, device=device)
+    rows = torch.arange(n_images, device=device)
+    branches = logits.shape[0] // n_images
+    step = compiled_step(device) if compile else decode_one_token
+    codes = torch.empty(n_images, n_tokens, dtype=torch.long, device=device)
+    codes[:, 0] = sample_codes(logits, seen, u[:, 0], sampling)
+    input_pos = torch.tensor([col], device=device)
+    for t in tqdm(range(1, n_tokens), desc="tokens", disable=not progress, leave=False):
+        seen[rows, codes[:, t - 1]] = True
+        # the sampled code goes to its conditional row and to its unconditional row
+        tokens = (first_id + codes[:, t - 1]).repeat(branches)[:, None]
+        kv_len = None if compile else col + t
+        codes[:, t] = step(model, tokens, input_pos, seen, u[:, t], sampling, vocab, kv_len)
+        input_pos += 1
+    return codes
+
 
 @torch.no_grad()
-def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds, cfg=6.0, temperature=1.0,
-             top_k=None, top_p=1.0, repetition_penalty=1.0, compile=False, progress=True):
+def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds, sampling=Sampling(),
+             compile=False, progress=True):
     """Sample n_tokens image codes for each of len(prompts) images → LongTensor [N, n_tokens].
 
     prompts: one token-id list per image, already templated (data.py); repeats share a prefill.
-    negative: the negative prompt's ids (the unconditional branch); unused when cfg == 1.
-    seeds: one per image; image i draws only from torch.Generator().manual_seed(seeds[i]), so the
-    same (prompt, seed) gives the same codes whatever else is in the batch.
-    Codes are in [0, codebook_size): token id = first_id + code. top_k None: no top-k; top_k=1: greedy.
-    compile: torch.compile the one-token decode step (static shapes: attends over the whole cache).
+    negative: the negative prompt's ids (the unconditional branch); unused when sampling's guidance
+    scale is 1. seeds: one per image; image i draws only from its own seeds[i], so the same
+    (prompt, seed) gives the same codes whatever else is in the batch.
+    Codes are in [0, codebook_size): token id = first_id + code.
+    compile: torch.compile the decode step (static shapes: it attends over the whole cache).
+    Raises ValueError for a request that cannot run (no prompts, a seed count that differs, empty
+    prompts, image rows outside the vocabulary, more positions than the model has).
     """
-    check_sampling(cfg, temperature, top_k, top_p, repetition_penalty)
-    N = len(prompts)
-    if N == 0 or len(seeds) != N:
-        raise ValueError(f"need one seed per prompt, got {N} prompts and {len(seeds)} seeds")
-    if any(len(p) == 0 for p in prompts) or (cfg != 1.0 and not negative):
-        raise ValueError("empty prompt token list")
-    if first_id + codebook_size > model.args.vocab_size:
-        raise ValueError(f"image rows [{first_id}, {first_id + codebook_size}) exceed the vocabulary "
-                         f"({model.args.vocab_size})")
-    guided = cfg != 1.0
+    check_generation(model, prompts, negative, first_id, codebook_size, n_tokens, seeds, sampling)
     device = model.embed_tokens.weight.device
     vocab = (first_id, first_id + codebook_size)
-
-    unique = list(dict.fromkeys(map(tuple, prompts)))
-    prefill = [list(p) for p in unique] + ([list(negative)] if guided else [])
-    src = [unique.index(tuple(p)) for p in prompts] + [len(unique)] * (N if guided else 0)
-    T = max(map(len, prefill))
-    S = T + n_tokens - 1
-    if compile:  # a cache length that varies with the prompts would recompile the step for every batch
-        S = -(-S // 256) * 256
-    model.setup_cache(len(src), S)
-    logits, _ = model.prefill(prefill, vocab=vocab)  # [len(prefill), K]
-    model.cache.copy_rows(src, list(range(len(src))))
-    logits = logits[src]
-    step = torch.compile(model, dynamic=False) if compile else model
-
-    generators = make_generators(seeds, device)
-    seen = torch.zeros(N, codebook_size, dtype=torch.bool, device=device)
-    codes = torch.empty(N, n_tokens, dtype=torch.long, device=device)
-    for t in tqdm(range(n_tokens), desc="tokens", disable=not progress, leave=False):
-        scores = guided_scores(logits[:N], logits[N:] if guided else None, seen, cfg, temperature, top_k, top_p,
-                               repetition_penalty)
-        codes[:, t] = sample_from(scores, generators)
-        if t == n_tokens - 1:
-            break
-        seen[torch.arange(N, device=device), codes[:, t]] = True
-        # the sampled code goes to its conditional row and to its unconditional row
-        tok = (first_id + codes[:, t]).repeat(2 if guided else 1)[:, None]
-        col = T + t
-        logits = step(tok, input_pos=torch.tensor([col], device=device), vocab=vocab,
-                      kv_len=None if compile else col + 1)[:, 0]
-    model.cache = None  # frees the buffer; the next call sizes its own
+    logits, col = prefill(model, prompts, negative, vocab, n_tokens, sampling, compile)
+    u = uniforms(seeds, n_tokens, device)
+    codes = decode_n_tokens(model, logits, col, u, sampling, first_id, vocab, compile, progress)
+    if not compile:
+        model.cache = None  # frees the buffer; a compiled step keeps it, to run on the same one
     return codes
+
+
+def check_generation(model, prompts, negative, first_id, codebook_size, n_tokens, seeds, sampling):
+    """ValueError naming what makes a generation request impossible, before any work."""
+    n = len(prompts)
+    if n == 0 or len(seeds) != n:
+        raise ValueError(f"need one seed per prompt, got {n} prompts and {len(seeds)} seeds")
+    if any(len(p) == 0 for p in prompts) or (sampling.guided and not negative):
+        raise ValueError("empty prompt token list")
+    if n_tokens < 1:
+        raise ValueError(f"need at least one image token, got {n_tokens}")
+    if first_id < 0 or first_id + codebook_size > model.args.vocab_size:
+        raise ValueError(f"image rows [{first_id}, {first_id + codebook_size}) exceed the vocabulary "
+                         f"({model.args.vocab_size})")
+    longest = max(map(len, list(prompts) + ([negative] if sampling.guided else [])))
+    limit = model.args.max_position_embeddings
+    if longest + n_tokens > limit:
+        raise ValueError(f"a prompt of {longest} tokens + {n_tokens} image tokens = {longest + n_tokens} "
+                         f"positions, more than the model's max_position_embeddings ({limit})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,14 +360,14 @@ class Samples:
     decoder_seconds: float
 
 
-def text_to_image(model, tokenizer, vq, prompts, size=1024, n=1, seed=0, negative_prompt=NEGATIVE_PROMPT,
-                  batch_size=None, decode=True, compile=False, progress=True, **sampling) -> Samples:
+def text_to_image(model, tokenizer, vq, prompts, size=1024, n=1, seed=0, sampling=Sampling(),
+                  batch_size=None, decode=True, compile=False, progress=True) -> Samples:
     """n images for each prompt string with SimpleAR's template; image j of a prompt uses seed + j.
 
     vq: a CosmosTokenizer (or anything with codebook_size, spatial_compression and decode(codes [B, h, w]));
     it fixes the codebook, so the LM's vocabulary must end with its codebook_size image rows.
     batch_size: images per generate() call (default n: one prompt's images share its prefill).
-    sampling: cfg, temperature, top_k, top_p, repetition_penalty of generate().
+    Images are decoded one at a time, so that an image's pixels do not depend on its batch.
     """
     batch_size = batch_size or n
     check_request(prompts, size, n, batch_size, vq.spatial_compression)
@@ -217,20 +376,23 @@ def text_to_image(model, tokenizer, vq, prompts, size=1024, n=1, seed=0, negativ
     side = size // vq.spatial_compression
     ids = encode_prompts(tokenizer, prompts)
     jobs = [(ids[p], seed + j) for p in range(len(prompts)) for j in range(n)]
-    negative = encode_negative(tokenizer, negative_prompt)
+    negative = encode_negative(tokenizer, sampling.negative_prompt)
+    check_generation(model, ids, negative, first_id, vq.codebook_size, side * side, [0] * len(ids), sampling)
     codes, images, lm_s, dec_s = [], [], 0.0, 0.0
     for b in range(0, len(jobs), batch_size):
         chunk = jobs[b:b + batch_size]
         t0 = time.perf_counter()
         c = generate(model, [p for p, _ in chunk], negative, first_id, vq.codebook_size, side * side,
-                     [s for _, s in chunk], compile=compile, progress=progress, **sampling).view(-1, side, side)
+                     [s for _, s in chunk], sampling, compile=compile, progress=progress)
+        c = c.view(-1, side, side)
         t1 = time.perf_counter()
         if decode:
-            images.append(tensor_to_uint8(vq.decode(c)))
+            with torch.no_grad():
+                images += [tensor_to_uint8(vq.decode(c[i:i + 1]))[0] for i in range(len(c))]
         lm_s, dec_s = lm_s + t1 - t0, dec_s + time.perf_counter() - t1
         codes.append(c.cpu())
     codes = torch.cat(codes).view(len(prompts), n, side, side)
-    images = np.concatenate(images).reshape(len(prompts), n, size, size, 3) if decode else None
+    images = np.stack(images).reshape(len(prompts), n, size, size, 3) if decode else None
     return Samples(codes, images, lm_s, dec_s)
 
 
@@ -270,32 +432,22 @@ def resolve_dir(name, what, patterns):
                                 f"({type(e).__name__}); {how}") from None
 
 
-def checkpoint_defaults(ckpt_dir) -> dict:
-    """The sampling settings a checkpoint's generation_config.json asks for, else SimpleAR's defaults.
-
-    repetition_penalty: SimpleAR's published numbers used the file's 1.1 (Qwen2.5-Instruct's); 1.0 without it.
-    guidance_scale (transformers' name) and negative_prompt (ours): a model trained from scratch may want its
-    own, e.g. the nano model, which saw only the dropped caption "<|t2i|><|soi|>" as its unconditional input.
-    image_top_k (ours), not top_k: Qwen2.5-Instruct's file has top_k 20 for chat, which SimpleAR never applied.
-    """
-    path = os.path.join(ckpt_dir, "generation_config.json")
-    gen = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            gen = json.load(f)
-    return dict(repetition_penalty=float(gen.get("repetition_penalty") or 1.0),
-                cfg=6.0 if gen.get("guidance_scale") is None else float(gen["guidance_scale"]),
-                negative_prompt=gen.get("negative_prompt", NEGATIVE_PROMPT),
-                top_k=None if gen.get("image_top_k") is None else int(gen["image_top_k"]))
-
-
-def load(ckpt, vq, device="cpu", dtype=torch.float32):
-    """(model, tokenizer, visual tokenizer with its decoder only, checkpoint dir) from directories or hub ids."""
+def load(ckpt, vq, device="cpu", dtype="auto", quantize=None, decoding=True):
+    """(model, tokenizer, visual tokenizer with its decoder only, checkpoint dir) from directories or
+    hub ids. dtype: a torch.dtype or a --dtype name ("auto": see model.resolve_dtype), for the LM
+    and the decoder alike (the Cosmos decoder runs 2x faster in bf16 where the LM does).
+    decoding: ready the LM's weights for sampling (model.prepare_decoding: packed bf16 on CPU, or
+    int8 with quantize="int8"); pass False for a model that will be trained."""
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device)[0]
     ckpt = resolve_dir(ckpt, "checkpoint", ["*.json", "*.safetensors", "*.txt"])
     vq = resolve_dir(vq, "visual tokenizer", ["decoder.jit", "*.json", "model.safetensors"])
     tokenizer = load_text_tokenizer(ckpt)
     model = Transformer.from_pretrained(ckpt, dtype=dtype, device=device)
     vq = CosmosTokenizer.from_pretrained(vq, dtype=dtype, device=device, encoder=False, decoder=True)
+    if decoding or quantize:
+        first = first_image_id(model.args.vocab_size, vq.codebook_size, tokenizer.get_vocab_size())
+        model.prepare_decoding((first, first + vq.codebook_size), quantize)
     return model, tokenizer, vq, ckpt
 
 
@@ -358,6 +510,51 @@ def read_prompts(args):
     return prompts
 
 
+def add_sampling_args(p):
+    """The sampling flags every CLI shares (sample.py, eval.py, grpo.py). Unset ones (None) take the
+    checkpoint's generation_config.json, then Sampling's defaults."""
+    g = p.add_argument_group("sampling (default: the checkpoint's generation_config.json, else SimpleAR's)")
+    g.add_argument("--cfg", "--guidance-scale", dest="guidance_scale", type=float, default=None,
+                   help=f"guidance scale s: uncond + s*(cond - uncond) in log-probs; 1 = off "
+                   f"(default: guidance_scale, else {Sampling.guidance_scale})")
+    g.add_argument("--negative-prompt", default=None,
+                   help="text of the unconditional branch (default: negative_prompt, else SimpleAR's)")
+    g.add_argument("--temperature", type=float, default=None, help=f"(default: {Sampling.temperature})")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="1 = greedy; >= codebook size = off (default: image_top_k, else off)")
+    g.add_argument("--top-p", type=float, default=None, help=f"(default: {Sampling.top_p})")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="on the conditional logits of "
+                   "codes already generated (default: repetition_penalty, 1.1 in SimpleAR's; else 1.0)")
+
+
+def sampling_flags(args) -> dict:
+    """The sampling flags that add_sampling_args parsed, validated as far as they go (ValueError):
+    pass them to Sampling.from_checkpoint once the checkpoint is known."""
+    flags = {f: getattr(args, f) for f in ("guidance_scale", "negative_prompt", "temperature", "top_k", "top_p",
+                                             "repetition_penalty")}
+    Sampling().replace(**flags)  # a bad value fails here, before anything is loaded
+    return flags
+
+
+def add_runtime_args(p):
+    """--device, --dtype, --quantize, --compile, as every generating CLI takes them."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 where the hardware computes it natively (CUDA; a CPU with "
+                   "AVX512-BF16 or AMX), else float32")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weight-only LM weights (one scale per output row)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+
+
+def runtime_dtype(args, prog) -> torch.dtype:
+    """--dtype resolved for --device; a dtype that is slow here runs, with one warning line."""
+    dtype, warning = resolve_dtype(args.dtype, getattr(args, "device", "cpu"))
+    if warning:
+        print(f"{prog}: warning: {warning}", file=sys.stderr)
+    return dtype
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="SimpleAR text-to-image: PNGs from prompts.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -369,27 +566,14 @@ def parse_args(argv=None):
                    "(nvidia/Cosmos-1.0-Tokenizer-DV8x16x16)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels, a multiple of the tokenizer's "
                    "compression (default: the tokenizer's own resolution, 1024 for Cosmos DV8x16x16)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale s: uncond + s*(cond - uncond) in "
-                   "log-probs (default: the checkpoint's generation_config.json guidance_scale, else 6.0)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None, help="1 = greedy; >= codebook size = off (default: the "
-                   "checkpoint's generation_config.json image_top_k, else off)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=None,
-                   help="on already generated codes of the conditional logits (default: the checkpoint's "
-                   "generation_config.json, 1.1 for SimpleAR's; else 1.0)")
-    p.add_argument("--negative-prompt", default=None, help="text of the unconditional branch (default: the "
-                   "checkpoint's generation_config.json negative_prompt, else SimpleAR's)")
+    add_sampling_args(p)
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: --n)")
     p.add_argument("--out", default="samples", help="output directory")
     p.add_argument("--grid", action="store_true", help="also write grid.png (a row per prompt)")
     p.add_argument("--save-codes", action="store_true", help="also write each code grid as .npy [h, w] int32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    add_runtime_args(p)
     return p.parse_args(argv)
 
 
@@ -397,18 +581,14 @@ def run(args):
     prompts = read_prompts(args)
     check_request(prompts, 1 if args.size is None else args.size, args.n, args.batch_size or args.n,
                   compression=1)  # the size's multiple is checked once the tokenizer is loaded
-    check_sampling(6.0 if args.cfg is None else args.cfg, args.temperature, args.top_k, args.top_p,
-                   args.repetition_penalty or 1.0)
+    flags = sampling_flags(args)
     check_default_model(args.ckpt, args.vq)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    model, tokenizer, vq, ckpt = load(args.ckpt, args.vq, args.device, dtype)
-    given = dict(repetition_penalty=args.repetition_penalty, cfg=args.cfg, negative_prompt=args.negative_prompt,
-                 top_k=args.top_k)
-    settings = {k: v if given[k] is None else given[k] for k, v in checkpoint_defaults(ckpt).items()}
+    dtype = runtime_dtype(args, "sample.py")
+    model, tokenizer, vq, ckpt = load(args.ckpt, args.vq, args.device, dtype, args.quantize)
+    sampling = Sampling.from_checkpoint(ckpt, **flags)
     size = vq.config.resolution if args.size is None else args.size
-    samples = text_to_image(model, tokenizer, vq, prompts, size, args.n, args.seed, batch_size=args.batch_size,
-                            compile=args.compile, temperature=args.temperature, top_p=args.top_p,
-                            **settings)
+    samples = text_to_image(model, tokenizer, vq, prompts, size, args.n, args.seed, sampling,
+                            batch_size=args.batch_size, compile=args.compile)
     written = save_outputs(samples, prompts, args.seed, args.out, args.grid, args.save_codes)
     tokens = samples.codes.numel()
     print(f"wrote {len(written)} images to {args.out}")

@@ -221,11 +221,12 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, tmp_path, capsys):
 def test_run_geneval_plumbing_with_a_random_tiny_model(tmp_path):
     lm, vq = write_tiny_lm(tmp_path / "lm"), write_tiny_vq(tmp_path / "vq", jit=False)
     prompts = geneval.prompt_set(1)
-    result = geneval.run_geneval(lm, vq, str(tmp_path / "out"), n=2, size=32, prompts=prompts, progress=False, cfg=3.0)
+    result = geneval.run_geneval(lm, vq, str(tmp_path / "out"), n=2, size=32, prompts=prompts, progress=False,
+                                 guidance_scale=3.0)
     assert list(result["categories"]) == list(CATEGORIES) and len(result["prompts"]) == 6
     assert all(len(r["images"]) == 2 for r in result["prompts"])
     settings = json.loads((tmp_path / "out" / "results.json").read_text())["settings"]
-    assert settings["cfg"] == 3.0 and settings["repetition_penalty"] == 1.1 and settings["n"] == 2  # the ckpt's
+    assert settings["guidance_scale"] == 3.0 and settings["repetition_penalty"] == 1.1 and settings["n"] == 2  # the ckpt's
     assert (tmp_path / "out" / "grid.png").is_file()
 
 

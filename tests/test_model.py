@@ -153,12 +153,36 @@ def test_copy_rows_and_vocab_slice(tiny):
 
 
 @torch.no_grad()
-def test_uncached_left_padding_matches_rows(tiny):
-    a, b = [1, 2, 3, 4, 5, 6], [7, 8, 9]
-    tokens = torch.tensor([a, [0, 0, 0] + b])
-    out = tiny(tokens, start=torch.tensor([0, 3]))
-    assert (out[1, 3:] - tiny(torch.tensor([b]))[0]).abs().max() < 1e-4
-    assert torch.isfinite(out).all()
+def test_per_row_positions_windows_and_rollback(tiny):
+    """Rows of one batch advance by different amounts: input_pos [B, T] puts row b's tokens at its own
+    columns. Every step is checked against an uncached forward of that row's whole sequence."""
+    torch.manual_seed(3)
+    V = tiny.args.vocab_size
+    prompts = [[5, 9, 100, 7, 3], [8, 1, 2], [4, 4, 4, 4, 4, 4, 4]]
+    seqs = [list(p) for p in prompts]  # what each row holds, as an uncached reference sees it
+    tiny.setup_cache(3, 64)
+    _, col = tiny.prefill(prompts)
+    ends = [col] * 3  # the next free column of each row
+    # windows of 4; row b keeps keep[b] of them (0 = all rolled back) and writes the next window
+    # over the rest, at earlier columns
+    for keep in ([4, 1, 0], [2, 4, 3], [0, 0, 4], [3, 2, 1]):
+        window = torch.randint(0, V, (3, 4))
+        pos = torch.tensor([[e + j for j in range(4)] for e in ends])
+        out = tiny(window, input_pos=pos, kv_len=max(ends) + 4)
+        for b in range(3):
+            full = tiny(torch.tensor([seqs[b] + window[b].tolist()]))
+            assert (out[b] - full[0, -4:]).abs().max() < 1e-4
+            seqs[b] += window[b, :keep[b]].tolist()
+            ends[b] += keep[b]
+    # one-token steps at per-row columns, whole cache attended (kv_len None: the compiled shape)
+    for _ in range(2):
+        tok = torch.randint(0, V, (3, 1))
+        out = tiny(tok, input_pos=torch.tensor(ends)[:, None])
+        for b in range(3):
+            full = tiny(torch.tensor([seqs[b] + tok[b].tolist()]))
+            assert (out[b, 0] - full[0, -1]).abs().max() < 1e-4
+            seqs[b] += tok[b].tolist()
+            ends[b] += 1
 
 
 @torch.no_grad()

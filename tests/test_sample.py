@@ -13,10 +13,9 @@ from PIL import Image
 from cosmos_tokenizer import CosmosTokenizer, tensor_to_uint8
 from data import NEGATIVE_PROMPT, load_text_tokenizer
 from fixtures import write_tiny_lm, write_tiny_vq
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, resolve_dtype
 import sample
-from sample import (cfg_combine, check_sampling, checkpoint_defaults, filter_logits, generate, guided_scores,
-                    main, text_to_image)
+from sample import Sampling, cfg_combine, draw, filter_logits, generate, guided_scores, main, text_to_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,13 +63,14 @@ def slow_greedy(model, prompt, negative, n_tokens, cfg, penalty):
 def test_greedy_equals_slow_reference(lm, cfg, penalty):
     prompts = [[301, 5, 17, 9, 302], [301, 44, 302], [301, 5, 17, 9, 302]]
     negative = [301, 8, 8, 2, 11, 302, 7]
-    codes = generate(lm, prompts, negative, TEXT, CODES, 12, seeds=[0, 1, 2], cfg=cfg, top_k=1,
-                     repetition_penalty=penalty, progress=False)
+    greedy = Sampling(guidance_scale=cfg, top_k=1, repetition_penalty=penalty)
+    codes = generate(lm, prompts, negative, TEXT, CODES, 12, [0, 1, 2], greedy, progress=False)
     assert codes.shape == (3, 12) and codes.dtype == torch.long
     for p, got in zip(prompts, codes.tolist()):
         assert got == slow_greedy(lm, p, negative, 12, cfg, penalty)
     if penalty == 2.0:  # strong enough to matter: greedy without it repeats more
-        assert codes.tolist() != generate(lm, prompts, negative, TEXT, CODES, 12, [0, 1, 2], cfg=cfg, top_k=1,
+        plain = greedy.replace(repetition_penalty=1.0)
+        assert codes.tolist() != generate(lm, prompts, negative, TEXT, CODES, 12, [0, 1, 2], plain,
                                           progress=False).tolist()
 
 
@@ -88,6 +88,8 @@ def test_cfg_on_image_rows_equals_full_vocab_formula(lm):
 
 
 def test_filter_logits_matches_transformers_warpers():
+    """The same kept set and the same distribution as transformers' warpers (our scores are shifted
+    so that each row's best is 0, which softmax, top-k and top-p ignore)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     x = torch.randn(4, CODES) * 3
@@ -98,20 +100,23 @@ def test_filter_logits_matches_transformers_warpers():
             want = transformers.TopKLogitsWarper(min(k, CODES))(ids, want)
         if p < 1:
             want = transformers.TopPLogitsWarper(p)(ids, want)
-        assert torch.equal(filter_logits(x, t, k, p), want)
+        got = filter_logits(x, t, k, p)
+        assert torch.equal(got.isfinite(), want.isfinite())
+        assert torch.allclose(got.softmax(-1), want.softmax(-1), atol=1e-6)
+        assert (got.amax(-1) == 0).all()
 
 
 def test_sampled_codes_are_always_image_codes(lm):
     prompts = [[301, 5, 302], [301, 6, 7, 8, 302]]
     for t, k, p in [(1.0, None, 1.0), (5.0, None, 1.0), (0.2, 3, 1.0), (1.0, 1000, 0.3), (10.0, 2, 0.9)]:
-        codes = generate(lm, prompts, [301, 302], TEXT, CODES, 8, [3, 4], cfg=6.0, temperature=t, top_k=k, top_p=p,
-                         progress=False)
+        s = Sampling(guidance_scale=6.0, temperature=t, top_k=k, top_p=p)
+        codes = generate(lm, prompts, [301, 302], TEXT, CODES, 8, [3, 4], s, progress=False)
         assert codes.min() >= 0 and codes.max() < CODES
     # a model that prefers text tokens by far still samples codes
     biased = tiny_lm()
     with torch.no_grad():
         biased.embed_tokens.weight[:TEXT] *= 50
-    codes = generate(biased, prompts, [301, 302], TEXT, CODES, 8, [3, 4], temperature=5.0, progress=False)
+    codes = generate(biased, prompts, [301, 302], TEXT, CODES, 8, [3, 4], Sampling(temperature=5.0), progress=False)
     assert codes.min() >= 0 and codes.max() < CODES
 
 
@@ -119,16 +124,16 @@ def test_top_k_and_top_p_restrict_the_support():
     torch.manual_seed(1)
     cond, uncond = torch.randn(2, CODES), torch.randn(2, CODES)
     seen = torch.zeros(2, CODES, dtype=torch.bool)
-    s = guided_scores(cond, uncond, seen, cfg=4.0, top_k=5)
+    s = guided_scores(cond, uncond, seen, Sampling(guidance_scale=4.0, top_k=5))
     assert (torch.isfinite(s).sum(-1) == 5).all()
-    best = guided_scores(cond, uncond, seen, cfg=4.0).argmax(-1)
-    only_best = guided_scores(cond, uncond, seen, cfg=4.0, top_p=1e-6).isfinite()
+    best = guided_scores(cond, uncond, seen, Sampling(guidance_scale=4.0)).argmax(-1)
+    only_best = guided_scores(cond, uncond, seen, Sampling(guidance_scale=4.0, top_p=1e-6)).isfinite()
     assert torch.equal(only_best, torch.nn.functional.one_hot(best, CODES).bool())
 
 
 def test_same_seed_same_codes_and_batch_independence(lm):
     a, b, neg = [301, 5, 17, 302], [301, 9, 9, 9, 9, 9, 302], [301, 8, 302]
-    kw = dict(cfg=6.0, top_k=40, top_p=0.95, repetition_penalty=1.1, progress=False)
+    kw = dict(sampling=Sampling(guidance_scale=6.0, top_k=40, top_p=0.95, repetition_penalty=1.1), progress=False)
     together = generate(lm, [a, a, b, b], neg, TEXT, CODES, 10, [0, 1, 0, 1], **kw)
     assert torch.equal(together, generate(lm, [a, a, b, b], neg, TEXT, CODES, 10, [0, 1, 0, 1], **kw))
     assert torch.equal(together[:2], generate(lm, [a, a], neg, TEXT, CODES, 10, [0, 1], **kw))
@@ -136,11 +141,47 @@ def test_same_seed_same_codes_and_batch_independence(lm):
     assert not torch.equal(together[0], together[1])  # seeds differ → images differ
 
 
-def test_bad_settings_raise():
-    for kw, match in [(dict(cfg=-1), "guidance"), (dict(temperature=0), "temperature"), (dict(top_k=0), "top-k"),
-                      (dict(top_p=0), "top-p"), (dict(top_p=1.5), "top-p"), (dict(repetition_penalty=0), "penalty")]:
-        with pytest.raises(ValueError, match=match):
-            check_sampling(**kw)
+BAD_SETTINGS = [
+    (dict(guidance_scale=-1), "guidance"), (dict(guidance_scale=float("inf")), "guidance"),
+    (dict(guidance_scale=float("nan")), "guidance"), (dict(guidance_scale=1e30), "guidance"),
+    (dict(temperature=0), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=float("nan")), "temperature"), (dict(top_k=0), "top-k"), (dict(top_k=2.5), "top-k"),
+    (dict(top_k=True), "top-k"), (dict(top_p=0), "top-p"), (dict(top_p=1.5), "top-p"),
+    (dict(top_p=float("nan")), "top-p"), (dict(repetition_penalty=0), "penalty"),
+    (dict(repetition_penalty=float("inf")), "penalty"), (dict(repetition_penalty=1e-30), "penalty"),
+    (dict(negative_prompt=None), "negative prompt"), (dict(guidance_scale="6"), "guidance"),
+]
+
+
+@pytest.mark.parametrize("kw,match", BAD_SETTINGS)
+def test_bad_settings_raise(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Sampling(**kw)
+
+
+@pytest.mark.parametrize("kw", [dict(guidance_scale=Sampling.MAX_GUIDANCE, top_k=5), dict(temperature=1e-38),
+                                dict(temperature=1e38), dict(repetition_penalty=Sampling.MAX_PENALTY),
+                                dict(repetition_penalty=1 / Sampling.MAX_PENALTY), dict(top_p=1e-9)])
+def test_extreme_valid_settings_still_sample_codes(lm, kw):
+    """The edges of every valid range give codes, never NaN or an error (as `--cfg inf` once did)."""
+    codes = generate(lm, [[301, 5, 302]], [301, 302], TEXT, CODES, 6, [0], Sampling(**kw), progress=False)
+    assert codes.min() >= 0 and codes.max() < CODES
+
+
+def test_draw_is_the_distribution():
+    """Inverse-CDF draws against the probabilities: a chi-square test at a fixed seed, with zero-probability
+    codes (top-k) never drawn even at u just below 1."""
+    torch.manual_seed(0)
+    scores = filter_logits(torch.randn(1, 16) * 2, top_k=10).expand(20000, 16)
+    codes = draw(scores, torch.rand(20000))
+    p = scores[0].softmax(-1)
+    counts = torch.bincount(codes, minlength=16).double()
+    assert counts[p == 0].sum() == 0
+    keep = p > 0
+    chi2 = ((counts[keep] - 20000 * p[keep]) ** 2 / (20000 * p[keep])).sum().item()
+    assert chi2 < 27.9  # chi-square, 9 degrees of freedom, p = 0.001
+    edge = draw(scores[:3], torch.tensor([0.0, 1 - 2 ** -24, 0.5]))
+    assert keep[edge].all()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,12 +211,13 @@ def test_cli_end_to_end(ckpts, tmp_path):
     assert all(p.shape == (64, 64, 3) and p.dtype == np.uint8 for p in pngs)
     grid = np.asarray(Image.open(out / "grid.png"))
     assert np.array_equal(grid, np.concatenate([np.concatenate(pngs[i:i + 2], 1) for i in (0, 2, 4)], 0))
-    decoder = CosmosTokenizer.from_pretrained(vq)
-    for s, png in zip(stems, pngs):  # the saved codes decode to the saved image
+    decoder = CosmosTokenizer.from_pretrained(vq, dtype=resolve_dtype("auto", "cpu")[0])  # the CLI's
+    for s, png in zip(stems, pngs):  # the saved codes decode to the saved image, byte for byte
         codes = np.load(out / f"{s}.npy")
         assert codes.shape == (4, 4) and codes.min() >= 0 and codes.max() < 64
-        again = tensor_to_uint8(decoder.decode(torch.from_numpy(codes)[None]))[0]
-        assert np.abs(again.astype(int) - png).max() <= 1
+        with torch.no_grad():
+            again = tensor_to_uint8(decoder.decode(torch.from_numpy(codes)[None]))[0]
+        assert np.array_equal(again, png)
 
 
 def test_same_seed_same_png_bytes(ckpts, tmp_path, capsys):
@@ -193,23 +235,26 @@ def test_batch_composition_does_not_change_images(ckpts, tmp_path):
     lm, _ = ckpts
     vq = CosmosTokenizer.from_pretrained(write_tiny_vq(tmp_path / "vq", jit=False))  # our safetensors format
     model, tok = Transformer.from_pretrained(lm), load_text_tokenizer(lm)
-    kw = dict(size=32, n=2, seed=5, cfg=3.0, top_k=50, repetition_penalty=1.1, progress=False)
+    kw = dict(size=32, n=2, seed=5, sampling=Sampling(guidance_scale=3.0, top_k=50, repetition_penalty=1.1),
+              progress=False)
     together = text_to_image(model, tok, vq, ["a cat", "two dogs playing in the snow", "a hat"], batch_size=6, **kw)
     assert together.codes.shape == (3, 2, 2, 2) and together.images.shape == (3, 2, 32, 32, 3)
     for p, prompt in enumerate(["a cat", "two dogs playing in the snow"]):
         alone = text_to_image(model, tok, vq, [prompt], **kw)
         assert torch.equal(alone.codes[0], together.codes[p])
-        assert np.abs(alone.images[0].astype(int) - together.images[p]).max() <= 1
+        assert np.array_equal(alone.images[0], together.images[p])  # decoded one by one: same bytes
 
 
 def test_sampling_defaults_from_generation_config(ckpts, tmp_path):
-    assert checkpoint_defaults(ckpts[0]) == dict(repetition_penalty=1.1, cfg=6.0, negative_prompt=NEGATIVE_PROMPT,
-                                                 top_k=None)
+    assert Sampling.from_checkpoint(ckpts[0]) == Sampling(repetition_penalty=1.1)
     plain = write_tiny_lm(tmp_path / "plain", repetition_penalty=None)
-    assert checkpoint_defaults(plain)["repetition_penalty"] == 1.0
-    with open(os.path.join(plain, "generation_config.json"), "w") as f:
-        json.dump({"guidance_scale": 2.0, "negative_prompt": "", "top_k": 20, "image_top_k": 10}, f)
-    assert checkpoint_defaults(plain) == dict(repetition_penalty=1.0, cfg=2.0, negative_prompt="", top_k=10)
+    assert Sampling.from_checkpoint(plain) == Sampling()
+    assert Sampling().negative_prompt == NEGATIVE_PROMPT and Sampling().guidance_scale == 6.0
+    with open(os.path.join(plain, "generation_config.json"), "w", encoding="utf-8-sig") as f:  # a BOM, too
+        json.dump({"guidance_scale": 2, "negative_prompt": "", "top_k": 20, "image_top_k": 10}, f)
+    assert Sampling.from_checkpoint(plain) == Sampling(guidance_scale=2.0, negative_prompt="", top_k=10)
+    assert Sampling.from_checkpoint(plain, top_k=None, temperature=0.5) == Sampling(
+        guidance_scale=2.0, negative_prompt="", top_k=10, temperature=0.5)  # None: not given
 
 
 @pytest.mark.parametrize("args,match", [
@@ -217,6 +262,10 @@ def test_sampling_defaults_from_generation_config(ckpts, tmp_path):
     (["--prompt", "a cat", "--size", "40"], "size 40 is not a positive multiple of 16"),
     (["--prompt", "a cat", "--size", "0"], "size 0 is not a positive multiple"),
     (["--prompt", "a cat", "--cfg", "-1"], "guidance scale"),
+    (["--prompt", "a cat", "--cfg", "inf"], "guidance scale must be a finite number"),
+    (["--prompt", "a cat", "--cfg", "nan"], "guidance scale must be a finite number"),
+    (["--prompt", "a cat", "--temperature", "inf"], "temperature"),
+    (["--prompt", "a cat", "--repetition-penalty", "0"], "repetition penalty"),
     (["--prompt", "a cat", "--temperature", "-0.5"], "temperature"),
     (["--prompt", "a cat", "--top-k", "0"], "top-k"),
     (["--prompt", "a cat", "--top-p", "0"], "top-p"),
