@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from model import ModelArgs, Transformer, read_safetensors
+from model import Int8Linear, ModelArgs, Transformer, read_safetensors, resolve_dtype
 
 transformers = pytest.importorskip("transformers")
 
@@ -260,3 +260,45 @@ def _cfg_only(d, cfg):
     d.mkdir()
     json.dump(cfg, open(d / "config.json", "w"))
     return d
+
+
+def test_dtype_choice_follows_the_hardware(monkeypatch):
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr("model.cpu_bf16_native", lambda: native)
+        assert resolve_dtype("auto", "cpu") == (want, None)
+        assert resolve_dtype("float32", "cpu") == (torch.float32, None)
+        dtype, warning = resolve_dtype("bfloat16", "cpu")
+        assert dtype == torch.bfloat16 and (warning is None) == native
+        assert warning is None or "\n" not in warning
+    with pytest.raises(ValueError, match="dtype must be auto or one of"):
+        resolve_dtype("float8", "cpu")
+
+
+@torch.no_grad()
+def test_prepared_decoding_kernels_match_the_plain_path(tiny):
+    """prepare_decoding's packed bf16 weights (on CPU) give the plain bf16 logits; int8 weights stay close to
+    the float ones and pick the same greedy code for nearly every row. Gradients never see either."""
+    lo, hi = FIRST_IMAGE, tiny.args.vocab_size
+    tokens = torch.randint(0, lo, (4, 9))
+    want = tiny(tokens, vocab=(lo, hi))
+    bf16 = Transformer(tiny.args).eval()
+    bf16.load_state_dict(tiny.state_dict())
+    bf16 = bf16.to(torch.bfloat16)
+    plain = bf16(tokens, vocab=(lo, hi))
+    packed = bf16.prepare_decoding((lo, hi))(tokens, vocab=(lo, hi))
+    assert (packed - plain).abs().max() <= 0.02 * plain.abs().max()
+    assert (packed - want).abs().max() <= 0.05 * want.abs().max()
+    assert sum(p.numel() for p in bf16.parameters()) == sum(p.numel() for p in tiny.parameters())
+    q = Transformer(tiny.args).eval()
+    q.load_state_dict(tiny.state_dict())
+    q.prepare_decoding((lo, hi), quantize="int8")
+    assert isinstance(q.layers[0].mlp.up_proj, Int8Linear)
+    got = q(tokens, vocab=(lo, hi))
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    with torch.enable_grad():  # the head under autograd is the embedding's own rows
+        tiny.prepare_decoding((lo, hi))
+        tiny(tokens[:1], vocab=(lo, hi)).sum().backward()
+        assert tiny.embed_tokens.weight.grad[lo:hi].abs().sum() > 0
+        tiny.zero_grad(set_to_none=True)
+        tiny.decode_head = None

@@ -271,6 +271,8 @@ def test_sampling_defaults_from_generation_config(ckpts, tmp_path):
     (["--prompt", "a cat", "--top-p", "0"], "top-p"),
     (["--prompt", "a cat", "--top-p", "1.5"], "top-p"),
     (["--prompt", "a cat", "--n", "0"], "must be >= 1"),
+    (["--prompt", "a cat", "--size", "2912"], "+ 33124 image tokens = 33"),  # 182² codes, and the prompt
+    (["--prompt", "a cat", "--size", "2912"], "positions, more than the model's max_position_embeddings (32768)"),
     (["--prompts-file", "/nonexistent/prompts.txt"], "prompts file not found"),
 ])
 def test_bad_input_exits_2_with_one_line(ckpts, capsys, args, match):
@@ -308,3 +310,65 @@ def test_default_model_missing_files_name_the_folder_and_the_recipe(ckpts, tmp_p
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1, err
         assert str(empty) in err and "bash recipes/nano.sh" in err and "model.safetensors" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# the compiled step, positions, dtypes
+
+def test_compiled_step_compiles_once_and_equals_eager(lm):
+    """Under compile=True the decode step (forward + sampling) is one graph, with no break (fullgraph: a host
+    sync would be an error), reused by a second call with other prompt lengths; codes equal eager ones."""
+    s = Sampling(guidance_scale=1.5, temperature=5.0, top_p=0.95, repetition_penalty=1.1)
+    neg = [301, 8, 302]
+    calls = [([[301, 5, 17, 9, 302], [301, 44, 302]], [0, 1]), ([[301, 5, 302], [301, 44, 45, 46, 302]], [2, 3])]
+    torch._dynamo.reset()
+    sample._compiled_steps.clear()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for prompts, seeds in calls:
+        eager = generate(lm, prompts, neg, TEXT, CODES, 10, seeds, s, progress=False)
+        compiled = generate(lm, prompts, neg, TEXT, CODES, 10, seeds, s, compile=True, progress=False)
+        assert torch.equal(eager, compiled)
+        assert len(set(eager.flatten().tolist())) > 3  # a sequence worth comparing
+    assert counters["stats"]["unique_graphs"] == 1
+    lm.cache = None
+
+
+def test_position_limit_is_checked_before_any_work():
+    lm = Transformer(ModelArgs(vocab_size=TEXT + CODES, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                               intermediate_size=64, max_position_embeddings=40)).eval()
+    limit = lm.args.max_position_embeddings
+    prompt = [301, 5, 302]
+    with pytest.raises(ValueError, match=rf"3 tokens \+ {limit} image tokens = {limit + 3} positions.*\({limit}\)"):
+        generate(lm, [prompt], [301, 302], TEXT, CODES, limit, [0], Sampling(), progress=False)
+    assert lm.cache is None  # nothing was set up
+    assert generate(lm, [prompt], [301, 302], TEXT, CODES, limit - 3, [0], Sampling(top_k=1),
+                    progress=False).shape == (1, limit - 3)
+
+
+def test_png_bytes_do_not_depend_on_n(ckpts, tmp_path):
+    """Image j of seed s is image 0 of seed s + j, byte for byte, whatever --n and --batch-size."""
+    lm, vq = ckpts
+    run = lambda out, *args: main(["--prompt", "a cat", "--ckpt", lm, "--vq", vq, "--size", "32",
+                                   "--out", str(tmp_path / out), *args])
+    run("many", "--n", "5", "--batch-size", "3")
+    run("one", "--n", "1", "--seed", "3")
+    assert (tmp_path / "many" / "a-cat_s0_3.png").read_bytes() == (tmp_path / "one" / "a-cat_s3_0.png").read_bytes()
+
+
+def test_slow_dtype_runs_with_one_warning(ckpts, tmp_path, capsys, monkeypatch):
+    import model
+    monkeypatch.setattr(model, "cpu_bf16_native", lambda: False)
+    main(["--prompt", "a cat", "--ckpt", ckpts[0], "--vq", ckpts[1], "--size", "32", "--n", "1", "--dtype", "bfloat16",
+          "--device", "cpu", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("sample.py: warning: bfloat16 on a CPU without bf16")
+    assert "Traceback" not in err
+    assert (tmp_path / "a-cat_s0_0.png").is_file()
+
+
+def test_int8_quantized_sampling_runs(ckpts, tmp_path):
+    main(["--prompt", "a cat", "--ckpt", ckpts[0], "--vq", ckpts[1], "--size", "32", "--n", "2", "--quantize", "int8",
+          "--out", str(tmp_path)])
+    assert len(list(tmp_path.glob("*.png"))) == 2
