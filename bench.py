@@ -25,19 +25,36 @@ import time
 import torch
 import torch.nn.functional as F
 
+import model as model_py
+import sample
 from model import ModelArgs, Transformer
 
 
-def copy_bandwidth(nbytes=1 << 30, reps=5):
-    """Bytes per second moved by a large tensor copy (read + write), median of reps."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
-    dst = torch.empty_like(src)
+def read_bandwidth(nbytes=1 << 30, reps=5):
+    """Bytes per second read by summing a large float32 tensor (median of reps): the rate at which
+    a decode step can stream its weights."""
+    x = torch.ones(nbytes // 4)
     times = []
     for _ in range(reps + 1):
         t0 = time.perf_counter()
-        dst.copy_(src)
+        x.sum()
         times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times[1:])
+    return nbytes / statistics.median(times[1:])
+
+
+def machine() -> str:
+    """One line naming the machine a table was measured on."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    caps = torch._C._cpu._get_cpu_capability()
+    bf16 = "with" if model_py.cpu_bf16_native() else "without"
+    return (f"{caps.get('cpu_name') or 'CPU'} ({caps.get('num_physical_cores')} cores, {bf16} bf16 instructions), "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def random_model(args: ModelArgs, dtype, device, seed=0) -> Transformer:
@@ -55,103 +72,176 @@ def random_model(args: ModelArgs, dtype, device, seed=0) -> Transformer:
     return model.to(dtype).eval()
 
 
-def bench_decode(a):
-    torch.manual_seed(0)
-    dtype = getattr(torch, a.dtype)
-    margs = ModelArgs.from_name(a.model)
-    if a.layers:
-        margs.n_layers = a.layers
-    model = random_model(margs, dtype, a.device)
-    V, C = margs.vocab_size, a.codebook
-    first = V - C
-    cond = torch.randint(0, first - 7, (1, a.prompt_len)).tolist()[0]
-    uncond = torch.randint(0, first - 7, (1, a.prompt_len + 7)).tolist()[0]
+def bytes_per_step(model, vocab) -> int:
+    """Weight bytes one decode step reads: every layer, the final norm, and the head's sampled rows."""
+    skip = {id(model.embed_tokens.weight)}
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if id(t) not in skip)
+    head = model.decode_head[2] if model.decode_head else None
+    if head is not None and not isinstance(head, model_py.Int8Linear):
+        total += head.weight.numel() * head.weight.element_size()
+    elif head is not None:
+        total += sum(t.numel() * t.element_size() for t in head.buffers())
+    else:
+        w = model.head_weight()[vocab[0]:vocab[1]]
+        total += w.numel() * w.element_size()
+    return total
 
-    @torch.inference_mode()
-    def ours(n):
-        model.setup_cache(2, len(uncond) + n)
-        logits, col = model.prefill([cond, uncond], vocab=(first, V))
-        g = torch.Generator(device=a.device).manual_seed(0)
+
+def time_decode(model, prompt, negative, vocab, n, sampling, compile, device, repeat):
+    """Median seconds of sample.decode_n_tokens (the shipped loop) for n tokens of one CFG pair, after
+    sample.prefill; one untimed run first (it compiles, when compile)."""
+    times = []
+    for r in range(repeat + 1):
+        logits, col = sample.prefill(model, [prompt], negative, vocab, n, sampling, compile)
+        u = sample.uniforms([r], n, device)
+        sync(device)
         t0 = time.perf_counter()
-        for t in range(n):
-            lp = torch.log_softmax(logits, -1)
-            mixed = lp[1] + a.cfg * (lp[0] - lp[1])
-            code = torch.multinomial(torch.softmax(mixed, -1), 1, generator=g)
-            tok = (code + first).expand(2, 1)
-            logits = model(tok, input_pos=torch.tensor([col + t], device=a.device), vocab=(first, V), kv_len=col + t + 1)[:, 0]
-        return time.perf_counter() - t0
+        sample.decode_n_tokens(model, logits, col, u, sampling, vocab[0], vocab, compile, progress=False)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
 
+
+def transformers_decode(model, dtype, prompt, negative, n, scale, device, repeat):
+    """Median seconds of SimpleAR's own path for n tokens: transformers' generate with a logits
+    processor that runs the negative prompt as a second forward with its own cache."""
     import warnings
 
     import transformers
     from transformers import LogitsProcessor, LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    cfg = Qwen2Config(**{k: v for k, v in margs.__class__.to_hf_config(margs).items() if k not in ("architectures", "torch_dtype")})
+    margs = model.args
+    cfg = Qwen2Config(**{k: v for k, v in margs.to_hf_config().items() if k not in ("architectures", "torch_dtype")})
     with torch.device("meta"):
         hf = Qwen2ForCausalLM(cfg)
-    hf.load_state_dict({Transformer.hf_key(k): v for k, v in model.state_dict().items()}, strict=False, assign=True)
+    state = {Transformer.hf_key(k): v for k, v in model.state_dict().items()}
+    hf.load_state_dict(state, strict=False, assign=True)
     hf.tie_weights()
     hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)  # its inv_freq buffer was left on meta
-    hf = hf.to(dtype).eval()
+    hf = hf.to(device=device, dtype=dtype).eval()
 
     class CFGLogits(LogitsProcessor):
         """SimpleAR's processor: the unconditional prompt as a second forward with its own cache."""
-        def __init__(self, scale, uncond_ids, model):
-            self.scale, self.uncond, self.model, self.out = scale, uncond_ids, model, None
+        def __init__(self, uncond_ids):
+            self.uncond, self.out = uncond_ids, None
 
         def __call__(self, input_ids, scores):
             scores = F.log_softmax(scores, dim=-1)
             if self.out is None:
-                self.out = self.model(self.uncond, use_cache=True)
+                self.out = hf(self.uncond, use_cache=True)
             else:
-                self.out = self.model(input_ids[:, -1:], use_cache=True, past_key_values=self.out.past_key_values)
+                self.out = hf(input_ids[:, -1:], use_cache=True, past_key_values=self.out.past_key_values)
             u = F.log_softmax(self.out.logits[:, -1], dim=-1)
-            return u + self.scale * (scores - u)
+            return u + scale * (scores - u)
 
     @torch.inference_mode()
-    def transformers_path(n):
-        proc = CFGLogits(a.cfg, torch.tensor([uncond], device=a.device), hf)
+    def run():
+        proc = CFGLogits(torch.tensor([negative], device=device))
+        sync(device)
         t0 = time.perf_counter()
-        hf.generate(torch.tensor([cond], device=a.device), attention_mask=torch.ones(1, len(cond), dtype=torch.long),
-                    max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=C, top_p=1.0, temperature=1.0,
-                    logits_processor=LogitsProcessorList([proc]), pad_token_id=0, eos_token_id=None)
+        hf.generate(torch.tensor([prompt], device=device), attention_mask=torch.ones(1, len(prompt), dtype=torch.long,
+                    device=device), max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=0, top_p=1.0,
+                    temperature=1.0, logits_processor=LogitsProcessorList([proc]), pad_token_id=0, eos_token_id=None)
+        sync(device)
         return time.perf_counter() - t0
 
-    ours(4)  # warm-up
-    transformers_path(4)
-    t_ours = statistics.median(ours(a.tokens) for _ in range(a.repeat))
-    t_hf = statistics.median(transformers_path(a.tokens) for _ in range(a.repeat))
-    bw = copy_bandwidth()
-    nbytes = (model.num_params(non_embedding=True) + C * margs.dim) * torch.finfo(dtype).bits // 8
-    step = t_ours / a.tokens
-    print(f"{a.model} with {margs.n_layers} layers, {a.dtype}, {a.tokens} image tokens, CFG pair (batch 2), prompt {a.prompt_len}")
-    print(f"{'path':<42}{'tok/s':>8}{'ms/token':>10}")
-    print(f"{'transformers generate + CFG processor':<42}{a.tokens / t_hf:>8.2f}{1e3 * t_hf / a.tokens:>10.1f}")
-    print(f"{'ours: fused cache, batched CFG, code rows':<42}{a.tokens / t_ours:>8.2f}{1e3 * step:>10.1f}")
-    print(f"speed-up: {t_hf / t_ours:.2f}x")
-    print(f"roofline: {nbytes / 1e9:.2f} GB weights per step / {bw / 1e9:.1f} GB/s copy bandwidth = "
-          f"{1e3 * nbytes / bw:.1f} ms; reached {nbytes / bw / step:.2f} of it")
+    run()  # warm-up
+    t = statistics.median(run() for _ in range(repeat))
+    del hf
+    return t
 
 
-def bench_sample(a):
-    """Seconds per image of sample.py's loop (CFG pair, repetition penalty, image rows) and of the Cosmos
-    decoder, per image size. The LM time is measured on --steps decode steps at the start and at the end of
-    the image (attention grows with the cache) and integrated linearly over all (size/16)^2 steps, unless --full."""
-    from cosmos_tokenizer import CosmosConfig, CosmosTokenizer
-    from sample import guided_scores, make_generators, sample_from
+def decode_rows(a, margs, configs):
+    """One row per (dtype, quantize, compile) of configs: ms per decode step of the shipped loop and,
+    per dtype, of transformers' path; the bytes read per step and the share of the read roofline."""
+    bw = read_bandwidth() if torch.device(a.device).type == "cpu" else None
+    K = a.codebook
+    V = margs.vocab_size
+    vocab = (V - K, V)
+    prompt = list(range(100, 100 + a.prompt_len))
+    negative = list(range(200, 200 + a.prompt_len + 11))
+    s = sample.Sampling(guidance_scale=a.cfg)
+    rows, hf_ms = [], {}
+    steps = a.tokens - 1  # the first token is drawn from the prefill's logits
+    for dtype, quantize, compile in configs:
+        model = random_model(margs, dtype, a.device).prepare_decoding(vocab, quantize)
+        nbytes = bytes_per_step(model, vocab)  # before the cache exists: weights only
+        with torch.inference_mode():
+            t = time_decode(model, prompt, negative, vocab, a.tokens, s, compile, a.device, a.repeat)
+        if a.transformers and dtype not in hf_ms:
+            plain = random_model(margs, dtype, a.device)
+            hf_ms[dtype] = 1e3 * transformers_decode(plain, dtype, prompt, negative, a.tokens, a.cfg, a.device,
+                                                     a.repeat) / a.tokens
+            del plain
+        ms = 1e3 * t / steps
+        rows.append(dict(dtype=str(dtype).removeprefix("torch."), quantize=quantize or "-", compile=compile, ms=ms,
+                         gb=nbytes / 1e9, roofline=(nbytes / bw * 1e3 / ms) if bw else None,
+                         hf_ms=hf_ms.get(dtype)))
+        model.cache = None
+        del model
+    return rows, bw
 
+
+def print_decode(rows, bw, title):
+    print(title)
+    print(f"{'dtype':<10}{'weights':<9}{'compiled':<10}{'ms/step':>9}{'tokens/s':>10}{'GB/step':>9}"
+          f"{'of roofline':>13}{'transformers ms':>17}{'speed-up':>10}")
+    for r in rows:
+        roof = f"{r['roofline']:.2f}" if r["roofline"] is not None else "-"
+        hf = f"{r['hf_ms']:.1f}" if r["hf_ms"] else "-"
+        up = f"{r['hf_ms'] / r['ms']:.2f}x" if r["hf_ms"] else "-"
+        print(f"{r['dtype']:<10}{r['quantize']:<9}{'yes' if r['compile'] else 'no':<10}{r['ms']:>9.1f}"
+              f"{1e3 / r['ms']:>10.2f}{r['gb']:>9.2f}{roof:>13}{hf:>17}{up:>10}")
+    if bw:
+        print(f"roofline: GB/step / {bw / 1e9:.1f} GB/s (this machine's read bandwidth, a 1 GiB float32 sum); "
+              "transformers: generate + SimpleAR's CFG processor, same weights and dtype")
+    base = rows[0]["ms"]
+    print("vs the first row: " + ", ".join(f"{r['dtype']}{'+' + r['quantize'] if r['quantize'] != '-' else ''}"
+                                           f"{' compiled' if r['compile'] else ''} {base / r['ms']:.2f}x"
+                                           for r in rows))
+
+
+def bench_decode(a):
     torch.manual_seed(0)
     margs = ModelArgs.from_name(a.model)
     if a.layers:
         margs.n_layers = a.layers
-    model = random_model(margs, torch.float32, "cpu")
-    vq = CosmosTokenizer(CosmosConfig.from_name(a.preset), encoder=False).eval()
+    auto = model_py.resolve_dtype("auto", a.device)[0]
+    configs = [(torch.float32, None, False)]
+    if auto != torch.float32:
+        configs.append((auto, None, False))
+    if a.int8:
+        configs.append((auto, "int8", False))
+    if a.compile:
+        configs.append((auto, None, True))
+    rows, bw = decode_rows(a, margs, configs)
+    print_decode(rows, bw, f"{a.model} with {margs.n_layers} layers, random weights, {a.tokens} image tokens, "
+                 f"CFG pair (2 rows), prompt {a.prompt_len}, medians of {a.repeat}; {machine()}")
+
+
+def bench_sample(a):
+    """Seconds per image of the shipped loop (CFG pair, repetition penalty 1.1, image rows) and of the Cosmos
+    decoder, per image size, in the dtype --dtype auto picks. The LM time is prefill + the decode steps, timed
+    over --steps steps at the start and at the end of the image (attention grows with the cache) and
+    integrated linearly over all (size/16)^2 steps, unless --full."""
+    from cosmos_tokenizer import CosmosConfig, CosmosTokenizer
+
+    torch.manual_seed(0)
+    dtype = model_py.resolve_dtype(a.dtype, a.device)[0]
+    margs = ModelArgs.from_name(a.model)
+    if a.layers:
+        margs.n_layers = a.layers
+    vq = CosmosTokenizer(CosmosConfig.from_name(a.preset), encoder=False).to(a.device, dtype).eval()
     K = vq.codebook_size
-    first, V = margs.vocab_size - K, margs.vocab_size
-    cond, neg = list(range(100, 100 + a.prompt_len)), list(range(200, 235))  # SimpleAR's negative prompt: ~35 tokens
-    print(f"{a.model} ({margs.n_layers} layers) + {a.preset} decoder, random weights, fp32, CPU "
-          f"{torch.get_num_threads()} threads, one image = CFG pair (2 rows), repetition penalty 1.1")
+    V = margs.vocab_size
+    vocab = (V - K, V)
+    model = random_model(margs, dtype, a.device).prepare_decoding(vocab, a.quantize)
+    s = sample.Sampling(repetition_penalty=1.1)
+    prompt, neg = list(range(100, 100 + a.prompt_len)), list(range(200, 235))  # SimpleAR's negative: ~35 tokens
+    print(f"{a.model} ({margs.n_layers} layers) + {a.preset} decoder, random weights, "
+          f"{str(dtype).removeprefix('torch.')}{' int8' if a.quantize else ''}{', compiled' if a.compile else ''}; "
+          f"one image = CFG pair (2 rows), repetition penalty 1.1; {machine()}")
     print(f"{'size':>6}{'tokens':>8}{'prefill s':>11}{'first step ms':>15}{'last step ms':>14}{'LM s':>9}"
           f"{'decoder s':>11}{'total s':>9}")
     for size in a.sizes:
@@ -159,35 +249,75 @@ def bench_sample(a):
 
         @torch.inference_mode()
         def steps(start, count):
-            """Times `count` decode steps from column start (the cache keeps whatever it holds)."""
-            nonlocal logits
+            """ms per step of decode_n_tokens for count steps from cache column `col + start`."""
+            logits, col = sample.prefill(model, [prompt], neg, vocab, n, s, a.compile)
+            u = sample.uniforms([0], count + 1, a.device)
+            sample.decode_n_tokens(model, logits, col + start, u[:, :2], s, vocab[0], vocab, a.compile, False)
+            sync(a.device)
             t0 = time.perf_counter()
-            for t in range(start, start + count):
-                scores = guided_scores(logits[:1], logits[1:], seen, 6.0, 1.0, None, 1.0, 1.1)
-                code = sample_from(scores, gens)
-                seen[0, code] = True
-                tok = (first + code).repeat(2)[:, None]
-                logits = model(tok, input_pos=torch.tensor([col + t]), vocab=(first, V), kv_len=col + t + 1)[:, 0]
+            sample.decode_n_tokens(model, logits, col + start, u, s, vocab[0], vocab, a.compile, False)
+            sync(a.device)
             return (time.perf_counter() - t0) / count
 
-        model.setup_cache(2, len(neg) + n)
-        t0 = time.perf_counter()
         with torch.inference_mode():
-            logits, col = model.prefill([cond, neg], vocab=(first, V))
-        prefill = time.perf_counter() - t0
-        seen, gens = torch.zeros(1, K, dtype=torch.bool), make_generators([0], "cpu")
+            sync(a.device)
+            t0 = time.perf_counter()
+            sample.prefill(model, [prompt], neg, vocab, n, s, a.compile)
+            sync(a.device)
+            prefill = time.perf_counter() - t0
         if a.full or n <= 2 * a.steps:
-            first_ms = last_ms = steps(0, n - 1)
-            lm = prefill + first_ms * (n - 1)
+            first = last = steps(0, n - 1)
         else:
-            first_ms, last_ms = steps(0, a.steps), steps(n - 1 - a.steps, a.steps)
-            lm = prefill + (first_ms + last_ms) / 2 * (n - 1)
-        t0 = time.perf_counter()
-        vq.decode(torch.randint(0, K, (1, size // 16, size // 16)))
+            first, last = steps(0, a.steps), steps(n - 1 - a.steps, a.steps)
+        lm = prefill + (first + last) / 2 * (n - 1)
+        codes = torch.randint(0, K, (1, size // 16, size // 16))
+        with torch.inference_mode():
+            vq.decode(codes[:, :2, :2])  # warm-up
+            sync(a.device)
+            t0 = time.perf_counter()
+            vq.decode(codes)
+            sync(a.device)
         dec = time.perf_counter() - t0
         model.cache = None
-        print(f"{size:>5}²{n:>8}{prefill:>11.2f}{1e3 * first_ms:>15.1f}{1e3 * last_ms:>14.1f}{lm:>9.1f}"
+        print(f"{size:>5}²{n:>8}{prefill:>11.2f}{1e3 * first:>15.1f}{1e3 * last:>14.1f}{lm:>9.1f}"
               f"{dec:>11.1f}{lm + dec:>9.1f}")
+
+
+def bench_gpu(a):
+    """The GPU tables in one run: decode (fp32 vs bf16 eager vs bf16 compiled with CUDA graphs, and
+    transformers), one 1024² image, the Cosmos decoder. On a CPU it runs too (a smoke test)."""
+    t_start = time.perf_counter()
+    margs = ModelArgs.from_name(a.model)
+    if a.layers:
+        margs.n_layers = a.layers
+    cuda = torch.device(a.device).type == "cuda"
+    low = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
+    d = argparse.Namespace(device=a.device, codebook=64000, prompt_len=24, cfg=6.0, tokens=a.tokens, repeat=a.repeat,
+                           transformers=True)
+    rows, bw = decode_rows(d, margs, [(torch.float32, None, False), (low, None, False), (low, None, True)])
+    print_decode(rows, bw, f"decode: {a.model} with {margs.n_layers} layers, random weights, {a.tokens} tokens, "
+                 f"CFG pair; {machine()}")
+    s = argparse.Namespace(model=a.model, layers=a.layers, preset=a.preset, prompt_len=30, steps=a.tokens,
+                           full=a.full, sizes=[a.size], dtype=str(low).removeprefix("torch."), device=a.device,
+                           quantize=None, compile=True)
+    print()
+    bench_sample(s)
+    print()
+    from cosmos_tokenizer import CosmosConfig, CosmosTokenizer
+    print(f"cosmos {a.preset} decoder, random weights, one {a.size}² image:")
+    for dtype in (torch.float32, low):
+        vq = CosmosTokenizer(CosmosConfig.from_name(a.preset), encoder=False).to(a.device, dtype).eval()
+        codes = torch.randint(0, vq.codebook_size, (1, a.size // 16, a.size // 16))
+        with torch.inference_mode():
+            vq.decode(codes)
+            sync(a.device)
+            t0 = time.perf_counter()
+            vq.decode(codes)
+            sync(a.device)
+        peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else ""
+        print(f"  {str(dtype).removeprefix('torch.'):<10}{time.perf_counter() - t0:8.2f} s{peak}")
+        del vq
+    print(f"bench.py gpu: {time.perf_counter() - t_start:.0f} s in all")
 
 
 def bench_train(a):
@@ -240,15 +370,15 @@ def _gib(kib: int) -> float:
 
 
 def _cosmos_child(args):
-    """Decode one grid size and print one JSON line."""
-    import torch
+    """Decode one grid size in one dtype, print one JSON line; --save writes the images (float32 .npy)."""
+    import numpy as np
 
     from cosmos_tokenizer import CosmosConfig, CosmosTokenizer
 
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # random weights: the same ones in every child, rounded to its dtype
     t0 = time.perf_counter()
     if args.ckpt:
         tok = CosmosTokenizer.from_pretrained(args.ckpt, dtype=dtype, device=args.device, encoder=False, decoder=True)
@@ -257,18 +387,20 @@ def _cosmos_child(args):
     load_s = time.perf_counter() - t0
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     g = args.child_grid
-    indices = torch.randint(0, tok.codebook_size, (args.batch, g, g))
-    cuda = args.device.startswith("cuda")
+    gen = torch.Generator().manual_seed(1)
+    indices = torch.randint(0, tok.codebook_size, (args.batch, g, g), generator=gen)
     times = []
-    for _ in range(args.repeat):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        images = tok.decode(indices)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    with torch.inference_mode():
+        for _ in range(args.repeat):
+            sync(args.device)
+            t0 = time.perf_counter()
+            images = tok.decode(indices)
+            sync(args.device)
+            times.append(time.perf_counter() - t0)
+    if args.save:
+        np.save(args.save, images.float().clamp(-1, 1).cpu().numpy())
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cuda = args.device.startswith("cuda")
     print(json.dumps({
         "grid": g, "image": list(images.shape[-2:]), "load_s": load_s, "decode_s": min(times),
         "peak_rss_gib": _gib(rss_peak), "rss_over_load_gib": _gib(rss_peak - rss_loaded),
@@ -278,53 +410,113 @@ def _cosmos_child(args):
 
 
 def bench_cosmos(args):
-    """Decode time and peak memory of the Cosmos decoder for each grid size."""
+    """Decode time and peak memory of the Cosmos decoder for each grid size, in float32 and in the dtype
+    --dtype names (auto: the one sample.py picks), with that dtype's PSNR against float32 on the same codes."""
+    import tempfile
+
+    import numpy as np
+
     if args.child_grid:
         return _cosmos_child(args)
-    passthrough = ["--batch", str(args.batch), "--repeat", str(args.repeat), "--preset", args.preset,
-                   "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
-    passthrough += ["--ckpt", args.ckpt] if args.ckpt else []
+    dtype = str(model_py.resolve_dtype(args.dtype, args.device)[0]).removeprefix("torch.")
+    dtypes = ["float32"] if dtype == "float32" else ["float32", dtype]
     load_before = os.getloadavg()[0]
     rows = []
-    for g in args.grids:
-        cmd = [sys.executable, __file__, "cosmos", "--child-grid", str(g)] + passthrough
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            print(f"error: grid {g}x{g} failed: {tail}", file=sys.stderr)
-            raise SystemExit(2)
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        for g in args.grids:
+            for dt in dtypes:
+                save = os.path.join(tmp, f"{g}_{dt}.npy")
+                cmd = [sys.executable, __file__, "cosmos", "--child-grid", str(g), "--batch", str(args.batch),
+                       "--repeat", str(args.repeat), "--preset", args.preset, "--device", args.device,
+                       "--dtype", dt, "--threads", str(args.threads), "--save", save]
+                cmd += ["--ckpt", args.ckpt] if args.ckpt else []
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                    print(f"error: grid {g}x{g} failed: {tail}", file=sys.stderr)
+                    raise SystemExit(2)
+                row = dict(json.loads(proc.stdout.strip().splitlines()[-1]), dtype=dt, psnr=None)
+                if dt != "float32":
+                    mse = np.mean(((np.load(save) - np.load(os.path.join(tmp, f"{g}_float32.npy"))) / 2) ** 2)
+                    row["psnr"] = 10 * np.log10(1 / mse) if mse > 0 else float("inf")
+                rows.append(row)
     source = args.ckpt or f"{args.preset} (random weights)"
-    print(f"cosmos decoder {source}: {rows[0]['params'] / 1e6:.1f}M params, {args.device} {args.dtype}, "
-          f"batch {args.batch}, {rows[0]['threads']} threads, best of {args.repeat}, "
-          f"1-min load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"{'grid':>7} {'image':>10} {'decode s':>9} {'s/1k tok':>9} {'x first':>8} {'peak RSS GiB':>13} "
-          f"{'RSS over weights':>17}" + (f" {'CUDA peak GiB':>14}" if rows[0]["cuda_peak_gib"] is not None else ""))
-    base = rows[0]["decode_s"] / rows[0]["grid"] ** 2
+    print(f"cosmos decoder {source}: {rows[0]['params'] / 1e6:.1f}M params, {args.device}, batch {args.batch}, "
+          f"best of {args.repeat}; {machine()}; 1-min load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+    cuda = rows[0]["cuda_peak_gib"] is not None
+    print(f"{'grid':>7} {'image':>10} {'dtype':>9} {'decode s':>9} {'s/1k tok':>9} {'vs fp32':>8} "
+          f"{'PSNR vs fp32':>13} {'peak RSS GiB':>13} {'RSS over weights':>17}" + (f" {'CUDA peak GiB':>14}" if cuda else ""))
+    fp32 = {}
     for r in rows:
+        fp32.setdefault(r["grid"], r["decode_s"])
         per_tok = r["decode_s"] / (r["grid"] ** 2 * args.batch)
-        line = (f"{r['grid']:>4}x{r['grid']:<2} {r['image'][0]:>5}x{r['image'][1]:<4} {r['decode_s']:>9.2f} "
-                f"{per_tok * 1000:>9.2f} {r['decode_s'] / r['grid'] ** 2 / base:>8.2f} {r['peak_rss_gib']:>13.2f} "
-                f"{r['rss_over_load_gib']:>17.2f}")
-        if r["cuda_peak_gib"] is not None:
+        psnr = "-" if r["psnr"] is None else f"{r['psnr']:.1f} dB"
+        line = (f"{r['grid']:>4}x{r['grid']:<2} {r['image'][0]:>5}x{r['image'][1]:<4} {r['dtype']:>9} "
+                f"{r['decode_s']:>9.2f} {per_tok * 1000:>9.2f} {fp32[r['grid']] / r['decode_s']:>7.2f}x "
+                f"{psnr:>13} {r['peak_rss_gib']:>13.2f} {r['rss_over_load_gib']:>17.2f}")
+        if cuda:
             line += f" {r['cuda_peak_gib']:>14.2f}"
         print(line)
+
+
+def bench_int8(a):
+    """int8 weight-only quality against bf16 and fp32: max |logit difference| at the SimpleAR-0.5B shape
+    (random weights, a prefill), and greedy codes of the shipped model, 256 tokens per dtype."""
+    from data import encode_negative, encode_prompts
+
+    torch.manual_seed(0)
+    low = model_py.resolve_dtype("auto", "cpu")[0]
+    margs = ModelArgs.from_name("simplear-0.5b")
+    margs.n_layers = a.layers
+    vocab = (margs.vocab_size - 64000, margs.vocab_size)
+    tokens = torch.randint(0, vocab[0], (2, 64))
+    logits = {}
+    for name, dtype, quantize in (("float32", torch.float32, None), ("bf16", low, None), ("int8", low, "int8")):
+        model = random_model(margs, dtype, "cpu").prepare_decoding(vocab, quantize)
+        with torch.inference_mode():
+            logits[name] = model(tokens, vocab=vocab)
+        del model
+    scale = logits["float32"].abs().max().item()
+    print(f"simplear-0.5b shape cut to {a.layers} layers, random weights, logits of a 2 x 64-token prefill over "
+          f"the 64,000 code rows (max |logit| {scale:.2f}); {machine()}")
+    for x, y in (("bf16", "float32"), ("int8", "float32"), ("int8", "bf16")):
+        d = (logits[x] - logits[y]).abs().max().item()
+        agree = (logits[x].argmax(-1) == logits[y].argmax(-1)).float().mean().item()
+        print(f"  {x} vs {y}: max |delta logit| {d:.4f} ({d / scale:.2%} of max |logit|), argmax agreement {agree:.1%}")
+
+    ckpt, vq = sample.DEFAULT_CKPT, sample.DEFAULT_VQ
+    prompts = [p.strip() for p in open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes",
+                                                    "nano_prompts.txt")) if p.strip()][:a.images]
+    codes = {}
+    for name, dtype, quantize in (("float32", torch.float32, None), ("bf16", low, None), ("int8", low, "int8")):
+        model, tok, vqm, ck = sample.load(ckpt, vq, "cpu", dtype, quantize)
+        s = sample.Sampling.from_checkpoint(ck, top_k=1)
+        out = sample.text_to_image(model, tok, vqm, prompts, n=1, sampling=s, decode=False, progress=False,
+                                   size=vqm.config.resolution)
+        codes[name] = out.codes.flatten()
+    n = codes["float32"].numel()
+    print(f"shipped nano model, greedy (top-k 1) at its guidance, {len(prompts)} prompts x "
+          f"{n // len(prompts)} tokens = {n} tokens:")
+    for x, y in (("bf16", "float32"), ("int8", "bf16"), ("int8", "float32")):
+        print(f"  {x} vs {y}: {(codes[x] == codes[y]).float().mean().item():.1%} of the greedy codes agree")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("decode", help="cached CFG-pair decode vs SimpleAR's transformers path, and the roofline")
+    p = sub.add_parser("decode", help="the shipped decode loop per dtype (and int8, compiled) vs transformers")
     p.add_argument("--model", default="simplear-0.5b", help="model.py preset")
     p.add_argument("--layers", type=int, default=0, help="cut the model to this many layers (0: all)")
-    p.add_argument("--tokens", type=int, default=64, help="image tokens generated per run")
+    p.add_argument("--tokens", type=int, default=33, help="image tokens per run (the first comes from the prefill)")
     p.add_argument("--prompt-len", type=int, default=24)
     p.add_argument("--codebook", type=int, default=64000)
     p.add_argument("--cfg", type=float, default=6.0)
-    p.add_argument("--repeat", type=int, default=3, help="runs per path; the median is reported")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeat", type=int, default=3, help="runs per row; the median is reported")
+    p.add_argument("--int8", action="store_true", help="add a row with int8 weights")
+    p.add_argument("--compile", action="store_true", help="add a row with the compiled step")
+    p.add_argument("--no-transformers", dest="transformers", action="store_false", help="skip the reference path")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=bench_decode)
 
     p = sub.add_parser("sample", help="seconds per image (LM and decoder) at several sizes")
@@ -335,7 +527,22 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=30)
     p.add_argument("--steps", type=int, default=16, help="decode steps timed at each end of the image")
     p.add_argument("--full", action="store_true", help="time every step instead")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", choices=["int8"], default=None)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=bench_sample)
+
+    p = sub.add_parser("gpu", help="decode, 1024² image and Cosmos tables in one run (under 5 minutes on a GPU)")
+    p.add_argument("--model", default="simplear-0.5b")
+    p.add_argument("--layers", type=int, default=0)
+    p.add_argument("--tokens", type=int, default=129, help="decode tokens per run")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--preset", default="dv8x16x16")
+    p.add_argument("--full", action="store_true", help="time every step of the image (default: both ends)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(func=bench_gpu)
 
     p = sub.add_parser("train", help="train.py tokens/s and MFU, 1 vs 2 processes")
     p.add_argument("--steps", type=int, default=6)
@@ -356,10 +563,17 @@ def main(argv=None):
     p.add_argument("--preset", default="dv8x16x16", help="architecture when no --ckpt is given")
     p.add_argument("--ckpt", default=None, help="tokenizer directory (decoder.jit or ours) instead of random weights")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the dtype timed next to float32 (auto: the one sample.py picks here)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--child-grid", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--save", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=bench_cosmos)
+
+    p = sub.add_parser("int8", help="int8 weight-only quality: logits at the 0.5B shape, greedy codes of nano")
+    p.add_argument("--layers", type=int, default=4, help="layers of the SimpleAR-0.5B shape")
+    p.add_argument("--images", type=int, default=4, help="prompts of recipes/nano_prompts.txt, 64 tokens each")
+    p.set_defaults(func=bench_int8)
 
     args = parser.parse_args(argv)
     args.func(args)

@@ -8,12 +8,14 @@ SimpleAR adds no weights to Qwen2.5-Instruct: image codes are ordinary vocabular
 that loads and saves Hugging Face checkpoints, plus two things generation needs:
 
 * one preallocated KV buffer for all layers, written in place at explicit cache columns.
-  Every call names the columns its tokens occupy (`input_pos`), so prefill, one-token decode,
-  a window of W tokens (Jacobi decoding) and rolling back (just write at earlier columns; a
-  query never sees a column after its own) are the same code path, and the shapes stay static
-  for torch.compile.
+  Every call names the columns its tokens occupy (`input_pos`, [T] or per row [B, T]), so
+  prefill, one-token decode, a window of W tokens (Jacobi decoding), rows that advance by
+  different amounts, and rolling back (just write at earlier columns; a query never sees a
+  column after its own) are the same code path, with static shapes for torch.compile.
 * logits for a slice of vocabulary rows (`vocab=(lo, hi)`), because image sampling only needs
   the 64,000 code rows and the full head is the largest matmul of a decode step.
+* inference kernels for the hardware: `resolve_dtype` picks bf16 where it is native, and
+  `prepare_decoding` packs bf16 weights for oneDNN on CPU or quantizes them to int8.
 
 Prompts of different lengths share a batch by left padding: row b's tokens start at cache
 column `cache.start[b]`, its RoPE position is `column - start[b]` and columns left of `start[b]`
@@ -220,9 +222,8 @@ class Attention(nn.Module):
             v_cache.scatter_(2, where, v.to(v_cache.dtype))
             k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
             # Grouped-query attention without copying keys: fold the `rep` query heads that share a
-            # key head into the query length, so K/V are read once per key head.
+            # key head into the query length, so K/V are read once per key head (mask [B, 1, rep*T, S])
             q = q.reshape(B, nkv, rep * T, hd)
-            mask = mask.repeat(1, 1, rep, 1)
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         y = y.reshape(B, self.n_heads, T, hd).transpose(1, 2).reshape(B, T, self.n_heads * hd)
         return self.o_proj(y)
@@ -258,7 +259,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def cpu_bf16_native() -> bool:
     """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16). Without them
     oneDNN emulates bf16 matmuls, which some CPUs run hundreds of times slower than float32."""
-    caps = torch._C._cpu._get_cpu_capability()
+    try:
+        caps = torch._C._cpu._get_cpu_capability()  # what PyTorch's own kernels dispatch on
+    except AttributeError:  # an older or newer torch: ask the kernel instead
+        try:
+            with open("/proc/cpuinfo") as f:
+                caps = dict.fromkeys(f.read().split(), True)
+        except OSError:
+            return False
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
@@ -286,7 +294,8 @@ def pack_weights(model: nn.Module):
     for m in model.modules():
         if isinstance(m, Linear):
             w = m.weight.detach()
-            fast = w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            cpu_bf16 = w.device.type == "cpu" and w.dtype == torch.bfloat16
+            fast = cpu_bf16 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             m.packed = torch.ops.mkldnn._reorder_linear_weight(w, 2) if fast else None
 
 
@@ -351,8 +360,9 @@ class Transformer(nn.Module):
     def logits(self, h, vocab=None):
         """Head over vocabulary rows [lo, hi) only: a view of the weight, no copy."""
         lo, hi = vocab or (0, self.args.vocab_size)
-        if self.decode_head is not None and self.decode_head[:2] == (lo, hi) and not torch.is_grad_enabled():
-            return self.decode_head[2](h).float()
+        head = self.decode_head
+        if head is not None and head[:2] == (lo, hi) and not torch.is_grad_enabled():
+            return head[2](h).float()
         return linear(h, self.head_weight()[lo:hi]).float()
 
     def hidden(self, tokens, input_pos=None, kv_len=None):
@@ -372,6 +382,7 @@ class Transformer(nn.Module):
             q = cols[:, None, :, None]  # [B, 1, T, 1] against keys [kv_len]
             # a left-padding query sees only itself: no row is all -inf (NaN), padding never leaks
             mask = ((key <= q) & (key >= start[:, :, None, None])) | (key == q)
+            mask = mask.repeat(1, 1, self.args.n_heads // self.args.n_kv_heads, 1)  # Attention's GQA fold
             pos = (cols - start).clamp(min=0)
         cos, sin = rope_cos_sin(pos, self.args.head_dim, self.args.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
