@@ -217,9 +217,10 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             k_cache, v_cache = kv_cache[0][:B], kv_cache[1][:B]
-            where = cols[:, None, :, None].expand(B, nkv, T, hd)
-            k_cache.scatter_(2, where, k.to(k_cache.dtype))
-            v_cache.scatter_(2, where, v.to(v_cache.dtype))
+            rows = torch.arange(B, device=x.device)[:, None]
+            # row b's T tokens go to its columns cols[b]: an indexed write of [B, T, nkv, hd]
+            k_cache[rows, :, cols] = k.transpose(1, 2).to(k_cache.dtype)
+            v_cache[rows, :, cols] = v.transpose(1, 2).to(v_cache.dtype)
             k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
             # Grouped-query attention without copying keys: fold the `rep` query heads that share a
             # key head into the query length, so K/V are read once per key head (mask [B, 1, rep*T, S])
