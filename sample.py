@@ -209,17 +209,22 @@ def guided_scores(cond, uncond, seen, sampling: "Sampling"):
 
 
 def draw(scores, u):
-    """Inverse-CDF draws: row r takes the first code whose cumulative probability exceeds u[r].
-    scores [R, K] (softmax = the distribution), u [R] uniforms in [0, 1) → LongTensor [R].
+    """Inverse-CDF draws from softmax(scores): scores [..., K], u [...] uniforms in [0, 1) →
+    LongTensor [...]."""
+    return invert_cdf(torch.softmax(scores, dim=-1), u)
 
-    A code of probability 0 is never drawn: where rounding puts u·total at the very top of the CDF,
-    the last code of non-zero probability is taken.
+
+def invert_cdf(weights, u):
+    """The first code whose cumulative weight exceeds u·total: weights [..., K] >= 0 (unnormalised),
+    u [...] in [0, 1) → LongTensor [...].
+
+    A code of weight 0 is never drawn: where rounding puts u·total at the very top of the CDF, the
+    last code of non-zero weight is taken.
     """
-    probs = torch.softmax(scores, dim=-1)
-    cdf = probs.cumsum(dim=-1)
-    x = (u * cdf[:, -1]).unsqueeze(-1)
+    cdf = weights.cumsum(dim=-1)
+    x = (u * cdf[..., -1]).unsqueeze(-1)
     idx = torch.searchsorted(cdf, x, right=True).squeeze(-1)
-    last = scores.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+    last = weights.shape[-1] - 1 - (weights > 0).flip(-1).int().argmax(dim=-1)
     return torch.minimum(idx, last)
 
 

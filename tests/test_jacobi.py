@@ -1,0 +1,205 @@
+"""jacobi.py: greedy codes equal plain decoding's, sampled codes have exactly its distribution (tested against the
+distribution computed by enumeration), rows advance independently, the options and their errors."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import jacobi
+import sample
+from jacobi import Jacobi, Stats
+from model import ModelArgs, Transformer
+from sample import Sampling
+
+TEXT = 307  # 300 text ids + 7 special tokens, then the codes
+
+
+def tiny_lm(codes, seed=0, bias=0.1, scale=1.0):
+    """A random Qwen2 with SimpleAR's vocabulary layout; scale multiplies the (tied) embedding, and so the
+    logits: large for greedy codes that vary, small for distributions worth sampling."""
+    torch.manual_seed(seed)
+    m = Transformer(ModelArgs(vocab_size=TEXT + codes, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                              intermediate_size=64, bos_token_id=None, eos_token_id=None)).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "bias" in n:
+                p.normal_(0, bias)
+        m.embed_tokens.weight.mul_(scale)
+    return m
+
+
+PROMPTS = [[301, 5, 17, 9, 302], [301, 44, 302], [301, 5, 17, 9, 302], [301, 8, 8, 8, 8, 8, 302]]
+NEGATIVE = [301, 8, 302, 7]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm(64, bias=3.0, scale=3.0)
+
+
+@pytest.mark.parametrize("window", [1, 2, 4, 16, 40])
+@pytest.mark.parametrize("options", [dict(init="above"), dict(init="left", coupling=False),
+                                     dict(init="random", coupling=True)])
+def test_greedy_equals_plain_decoding(lm, window, options):
+    """top-k 1 makes every step an argmax: Jacobi must give plain decoding's codes, whatever the window (40 is
+    clipped to the 16 tokens), the initial drafts, the coupling and the batch."""
+    s = Sampling(guidance_scale=3.0, top_k=1, repetition_penalty=1.3)
+    want = sample.generate(lm, PROMPTS, NEGATIVE, TEXT, 64, 16, [0, 1, 2, 3], s, progress=False)
+    stats = Stats()
+    got = jacobi.generate(lm, PROMPTS, NEGATIVE, TEXT, 64, 16, [0, 1, 2, 3], s, Jacobi(window, **options),
+                          width=4, stats=stats, progress=False)
+    assert torch.equal(got, want)
+    assert min(len(set(row)) for row in want.tolist()) >= 10  # codes worth comparing
+    alone = jacobi.generate(lm, PROMPTS[1:2], NEGATIVE, TEXT, 64, 16, [9], s, Jacobi(window, **options), width=4,
+                            progress=False)
+    assert torch.equal(alone[0], want[1])
+    assert sum(stats.committed[c] * c for c in range(len(stats.committed))) == 4 * 15  # all but the prefill's
+    assert all(1 < f <= 16 for f in stats.forwards) and len(stats.forwards) == 4
+    if window == 1:
+        assert stats.forwards == [16] * 4  # one token per forward: plain decoding
+
+
+def test_rows_advance_independently_of_their_batch():
+    """Sampled codes of an image depend on its prompt and seed only, not on which images share its batch, though
+    each row commits a different number of tokens per forward."""
+    lm = tiny_lm(64, bias=3.0)
+    s = Sampling(guidance_scale=2.0, temperature=5.0, top_k=20, top_p=0.95, repetition_penalty=1.1)
+    together = jacobi.generate(lm, PROMPTS, NEGATIVE, TEXT, 64, 16, [5, 6, 7, 8], s, progress=False)
+    for i in (0, 3):
+        alone = jacobi.generate(lm, [PROMPTS[i]], NEGATIVE, TEXT, 64, 16, [5 + i], s, progress=False)
+        assert torch.equal(alone[0], together[i])
+    assert not torch.equal(together[0], together[2])  # same prompt, other seed
+    assert min(len(set(row)) for row in together.tolist()) >= 5
+
+
+def test_unguided_and_window_one_runs(lm):
+    s = Sampling(guidance_scale=1.0, temperature=2.0)
+    codes = jacobi.generate(lm, PROMPTS, NEGATIVE, TEXT, 64, 9, [0, 1, 2, 3], s, Jacobi(3, "above"), progress=False)
+    assert codes.shape == (4, 9) and codes.min() >= 0 and codes.max() < 64
+
+
+# ------------------------------------------------------------------------------------------------
+# exactness in distribution: Jacobi's samples against the distribution plain decoding samples from
+
+K, LENGTH, SAMPLES = 6, 5, 24000
+SETTINGS = Sampling(guidance_scale=2.0, temperature=1.8, top_k=5, top_p=0.97, repetition_penalty=1.5)
+PROMPT = [301, 5, 17, 302]
+
+
+@torch.no_grad()
+def exact_distribution(model, s):
+    """P(codes) of every code sequence of LENGTH codes under plain decoding's pipeline, by enumeration: one
+    uncached forward per prefix and branch. → {sequence: probability}."""
+    probs = {(): 1.0}
+    for t in range(LENGTH):
+        prefixes = list(probs)
+        cond = model(torch.tensor([PROMPT + [TEXT + c for c in x] for x in prefixes]), vocab=(TEXT, TEXT + K))[:, -1]
+        uncond = model(torch.tensor([NEGATIVE + [TEXT + c for c in x] for x in prefixes]), vocab=(TEXT, TEXT + K))
+        seen = torch.zeros(len(prefixes), K, dtype=torch.bool)
+        for i, x in enumerate(prefixes):
+            seen[i, list(x)] = True
+        p = torch.softmax(sample.guided_scores(cond, uncond[:, -1], seen, s), -1).double()
+        probs = {x + (c,): probs[x] * p[i, c].item() for i, x in enumerate(prefixes) for c in range(K)
+                 if p[i, c] > 0}
+    return probs
+
+
+def chi_square_failures(codes, exact, alpha=1e-3):
+    """The (positions, statistic, threshold) of every per-position marginal and adjacent-pair joint whose
+    chi-square goodness-of-fit test rejects at alpha (cells with expected count < 5 pooled)."""
+    failures = []
+    groups = [(t,) for t in range(LENGTH)] + [(t, t + 1) for t in range(LENGTH - 1)]
+    for where in groups:
+        want = {}
+        for x, p in exact.items():
+            key = tuple(x[t] for t in where)
+            want[key] = want.get(key, 0.0) + p
+        got = {}
+        for row in codes[:, list(where)].tolist():
+            got[tuple(row)] = got.get(tuple(row), 0) + 1
+        assert set(got) <= set(want), f"positions {where}: a sequence of probability 0 was sampled"
+        cells, pooled_e, pooled_o = [], 0.0, 0
+        for key, p in want.items():
+            e, o = p * len(codes), got.get(key, 0)
+            if e < 5:
+                pooled_e, pooled_o = pooled_e + e, pooled_o + o
+            else:
+                cells.append((o, e))
+        if pooled_e > 0:
+            cells.append((pooled_o, pooled_e))
+        stat = sum((o - e) ** 2 / e for o, e in cells)
+        threshold = chi2_quantile(len(cells) - 1, 1 - alpha)
+        if stat > threshold:
+            failures.append((where, round(stat, 1), round(threshold, 1)))
+    return failures
+
+
+def chi2_quantile(df, q):
+    """The q-quantile of chi-square with df degrees of freedom (Wilson-Hilferty; within 1% for df >= 3)."""
+    z = math.sqrt(2) * erfinv(2 * q - 1)
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def erfinv(y):
+    lo, hi = -6.0, 6.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if math.erf(mid) < y else (lo, mid)
+    return (lo + hi) / 2
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = tiny_lm(K, seed=3, bias=0.5, scale=0.1)
+    return model, exact_distribution(model, SETTINGS)
+
+
+def test_the_test_sees_a_two_point_bias(small):
+    """Power check: plain decoding passes; the same samples with 2% of the mass moved from one code to
+    another at one position fail."""
+    model, exact = small
+    codes = sample.generate(model, [PROMPT] * SAMPLES, NEGATIVE, TEXT, K, LENGTH, range(SAMPLES), SETTINGS,
+                            progress=False)
+    assert chi_square_failures(codes, exact) == []
+    marginal = torch.bincount(codes[:, 2], minlength=K)
+    src, dst = int(marginal.argmax()), int(marginal.argmin())
+    biased = codes.clone()
+    moved = (biased[:, 2] == src).nonzero()[:int(0.02 * SAMPLES), 0]
+    biased[moved, 2] = dst
+    assert chi_square_failures(biased, exact)
+
+
+@pytest.mark.parametrize("options", [Jacobi(4, "random", coupling=False), Jacobi(4, "above"), Jacobi(3, "left")])
+def test_jacobi_samples_have_plain_decodings_distribution(small, options):
+    model, exact = small
+    codes = jacobi.generate(model, [PROMPT] * SAMPLES, NEGATIVE, TEXT, K, LENGTH, range(SAMPLES), SETTINGS,
+                            options, width=2, progress=False)
+    assert chi_square_failures(codes, exact) == []
+
+
+def test_argmax_drafts_with_soft_q_are_caught(small, monkeypatch):
+    """SimpleAR's SJD verifies argmax drafts against soft probabilities: the same test rejects it."""
+    model, exact = small
+    monkeypatch.setattr(jacobi, "draft_from", lambda p, u: p.argmax(-1))
+    codes = jacobi.generate(model, [PROMPT] * SAMPLES, NEGATIVE, TEXT, K, LENGTH, range(SAMPLES), SETTINGS,
+                            Jacobi(4, "random", coupling=False), width=2, progress=False)
+    failures = chi_square_failures(codes, exact)
+    print("argmax drafts, soft q:", failures)
+    assert failures
+
+
+# ------------------------------------------------------------------------------------------------
+# options
+
+@pytest.mark.parametrize("kw,match", [(dict(window=0), "window"), (dict(window=2.5), "window"),
+                                      (dict(window=True), "window"), (dict(init="below"), "draft init")])
+def test_bad_options(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Jacobi(**kw)
+
+
+def test_all_pairs_are_enumerated(small):
+    _, exact = small
+    assert abs(sum(exact.values()) - 1) < 1e-6
+    assert len({x[:2] for x in exact}) <= K * K and set(itertools.chain(*exact)) <= set(range(K))
