@@ -25,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import data as data_py
 import model as model_py
 import sample
 from model import ModelArgs, Transformer
@@ -501,6 +502,126 @@ def bench_int8(a):
         print(f"  {x} vs {y}: {(codes[x] == codes[y]).float().mean().item():.1%} of the greedy codes agree")
 
 
+def histogram_png(path, series, title):
+    """A bar chart of committed-tokens-per-forward histograms, one colour per series {label: counts},
+    drawn with PIL (no plotting library at run time)."""
+    from PIL import Image, ImageDraw
+
+    colors = [(40, 90, 220), (220, 90, 40), (40, 170, 70), (150, 60, 180)]
+    n = max(len(c) for c in series.values())
+    W, H, left, bottom = 120 + 36 * n, 320, 50, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    shares = {k: [x / max(1, sum(c)) for x in c] for k, c in series.items()}
+    top = max(max(s) for s in shares.values())
+    d.text((left, 8), title, fill="black")
+    d.line((left, H - bottom, W - 10, H - bottom), fill="black")
+    bar = 30 // len(series)
+    for i, (label, s) in enumerate(shares.items()):
+        d.rectangle((W - 190, 24 + 14 * i, W - 180, 34 + 14 * i), fill=colors[i % 4])
+        d.text((W - 175, 23 + 14 * i), label, fill="black")
+        for c, share in enumerate(s):
+            if c == 0:
+                continue
+            x = left + 36 * (c - 1) + i * bar
+            h = (H - bottom - 60) * share / top
+            d.rectangle((x, H - bottom - h, x + bar - 1, H - bottom), fill=colors[i % 4])
+    for c in range(1, n):
+        d.text((left + 36 * (c - 1) + 8, H - bottom + 6), str(c), fill="black")
+    d.text((left, H - 18), "tokens committed per forward (share of forwards)", fill="black")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    img.save(path)
+
+
+def bench_jacobi(a):
+    """Speculative Jacobi decoding on the shipped nano model against plain decoding: forwards per image and wall
+    time, per window and option, at the model's own sampling settings and at SimpleAR's; then, at the
+    SimpleAR-0.5B shape, the cost of a W-token window forward against a one-token step, and the speed-up it
+    implies at the compressions measured."""
+    import numpy as np
+
+    import jacobi
+    from jacobi import Jacobi, Stats
+
+    model, tok, vq, ckpt = sample.load(sample.DEFAULT_CKPT, sample.DEFAULT_VQ, "cpu", a.dtype)
+    root = os.path.dirname(os.path.abspath(__file__))
+    prompts = [p.strip() for p in open(os.path.join(root, "recipes", "nano_prompts.txt")) if p.strip()]
+    settings = {"nano defaults": sample.Sampling.from_checkpoint(ckpt),
+                "SimpleAR's (cfg 6, its negative prompt, no top-k)": sample.Sampling(repetition_penalty=1.0)}
+    options = [("SJD: random init, no coupling", dict(init="random", coupling=False)),
+               ("left init, no coupling", dict(init="left", coupling=False)),
+               ("above init, no coupling", dict(init="above", coupling=False)),
+               ("random init, coupling", dict(init="random")),
+               ("above init, coupling (default)", dict())]
+    side = vq.config.resolution // vq.spatial_compression
+    tokens = side * side
+    print(f"nano model, {len(prompts)} prompts x {a.n} images, {tokens} tokens each, batch {a.batch}, "
+          f"{str(model.embed_tokens.weight.dtype).removeprefix('torch.')}; wall time per image, median of {a.repeat}; "
+          f"{machine()}")
+
+    def run(s, j, stats=None):
+        times = []
+        for _ in range(a.repeat):
+            t0 = time.perf_counter()
+            out = sample.text_to_image(model, tok, vq, prompts, vq.config.resolution, a.n, 0, s, batch_size=a.batch,
+                                       decode=False, progress=False, jacobi=j)
+            times.append(time.perf_counter() - t0)
+        if stats is not None:
+            stats.forwards += out.forwards
+        return statistics.median(times) / (len(prompts) * a.n), float(np.mean(out.forwards))
+
+    hist, compression = {}, {}
+    for name, s in settings.items():
+        plain_s, _ = run(s, None)
+        print(f"\n{name}: plain decoding {tokens} forwards per image, {1e3 * plain_s:.1f} ms per image")
+        print(f"{'options':<34}" + "".join(f"{'W ' + str(w):>20}" for w in a.windows))
+        for label, opts in options:
+            cells = []
+            for w in a.windows:
+                per_image, forwards = run(s, Jacobi(w, **opts))
+                cells.append(f"{tokens / forwards:5.2f}x {plain_s / per_image:5.2f}x wall")
+                if not opts:
+                    compression.setdefault(name, {})[w] = tokens / forwards
+            print(f"{label:<34}" + "".join(f"{c:>20}" for c in cells))
+        stats = Stats()
+        ids = data_py.encode_prompts(tok, prompts * a.n)
+        neg = data_py.encode_negative(tok, s.negative_prompt)
+        first = model.args.vocab_size - vq.codebook_size
+        jacobi.generate(model, ids, neg, first, vq.codebook_size, tokens, list(range(len(ids))), s, Jacobi(),
+                        width=side, stats=stats, progress=False)
+        hist[name.split(" (")[0]] = stats.committed
+    print("cells: fewer forwards than plain decoding (its forwards / ours), then its wall time / ours")
+    histogram_png(a.out, hist, f"nano model, window {Jacobi.window}, default options")
+    print(f"wrote {a.out}")
+
+    margs = ModelArgs.from_name("simplear-0.5b")
+    if a.layers:
+        margs.n_layers = a.layers
+    dtype = model_py.resolve_dtype(a.dtype, "cpu")[0]
+    big = random_model(margs, dtype, "cpu").prepare_decoding((margs.vocab_size - 64000, margs.vocab_size))
+    cost = {}
+    with torch.inference_mode():
+        for w in [1, *a.windows]:
+            big.setup_cache(2, 64 + max(a.windows))
+            big.prefill([list(range(100, 130)), list(range(200, 235))])
+            x = torch.randint(151672, margs.vocab_size, (2, w))
+            pos = torch.arange(35, 35 + w).expand(2, w)
+            big(x, input_pos=pos, vocab=(margs.vocab_size - 64000, margs.vocab_size), kv_len=35 + w)
+            times = []
+            for _ in range(a.repeat):
+                t0 = time.perf_counter()
+                big(x, input_pos=pos, vocab=(margs.vocab_size - 64000, margs.vocab_size), kv_len=35 + w)
+                times.append(time.perf_counter() - t0)
+            cost[w] = statistics.median(times)
+    print(f"\nsimplear-0.5b shape ({margs.n_layers} layers), random weights, {str(dtype).removeprefix('torch.')}, CFG "
+          f"pair: a window forward against a one-token step ({1e3 * cost[1]:.1f} ms), and the wall-time speed-up the "
+          "nano compressions above would give (compression / cost)")
+    print(f"{'window':<8}{'ms':>8}{'x step':>8}" + "".join(f"{k.split(' (')[0] + ' speed-up':>24}" for k in compression))
+    for w in a.windows:
+        rel = cost[w] / cost[1]
+        print(f"{w:<8}{1e3 * cost[w]:>8.1f}{rel:>8.2f}" + "".join(f"{c[w] / rel:>24.2f}" for c in compression.values()))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -569,6 +690,16 @@ def main(argv=None):
     p.add_argument("--child-grid", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--save", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=bench_cosmos)
+
+    p = sub.add_parser("jacobi", help="speculative Jacobi decoding: forwards and wall time against plain decoding")
+    p.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16, 32])
+    p.add_argument("--n", type=int, default=4, help="images per prompt of recipes/nano_prompts.txt")
+    p.add_argument("--batch", type=int, default=1, help="images per generate call")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--layers", type=int, default=0, help="layers of the SimpleAR-0.5B shape (0: all 24)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--out", default="out/jacobi_hist.png", help="the accepted-length histogram")
+    p.set_defaults(func=bench_jacobi)
 
     p = sub.add_parser("int8", help="int8 weight-only quality: logits at the 0.5B shape, greedy codes of nano")
     p.add_argument("--layers", type=int, default=4, help="layers of the SimpleAR-0.5B shape")

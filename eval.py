@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import jacobi
 import sample
 from cosmos_tokenizer import CosmosTokenizer, pil_to_tensor, tensor_to_uint8
 from data import (BACKGROUND, CATEGORIES, NUMBERS, PALETTE, RELATIONS, SHAPES, ShapesDataset, relations, render_shapes,
@@ -222,20 +223,23 @@ def reconstructions(vq_dir, n, size=None, seed=1, batch_size=64, device="cpu"):
 
 # ----------------------------------------------------------------------------------------- generation and reports
 def run_geneval(ckpt, vq, out_dir, n=4, size=None, seed=0, prompts=None, batch_size=64, device="cpu", progress=True,
-                dtype="auto", quantize=None, compile=False, **sampling) -> dict:
+                dtype="auto", quantize=None, compile=False, jacobi=None, **sampling) -> dict:
     """Generate n images per prompt (default: prompt_set()) with sample.py, score them, write results.json and
     grid.png to out_dir. size None: the visual tokenizer's own resolution. sampling: Sampling's fields; unset
-    (None) ones take the checkpoint's generation_config.json, then Sampling's defaults."""
+    (None) ones take the checkpoint's generation_config.json, then Sampling's defaults. jacobi: a
+    jacobi.Jacobi to decode with (same distribution, fewer forwards)."""
     prompts = prompt_set() if prompts is None else prompts
     model, tokenizer, vq_model, ckpt_dir = sample.load(ckpt, vq, device, dtype, quantize)
     settings = sample.Sampling.from_checkpoint(ckpt_dir, **sampling)
     size = size or vq_model.config.resolution
     t0 = time.perf_counter()
     samples = sample.text_to_image(model, tokenizer, vq_model, [p["caption"] for p in prompts], size, n, seed,
-                                   settings, batch_size=batch_size, compile=compile, progress=progress)
+                                   settings, batch_size=batch_size, compile=compile, progress=progress, jacobi=jacobi)
     result = evaluate(prompts, samples.images)
     result["settings"] = dict(ckpt=ckpt, vq=vq, n=n, size=size, seed=seed, **dataclasses.asdict(settings),
                               dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."), quantize=quantize,
+                              jacobi=dataclasses.asdict(jacobi) if jacobi else None,
+                              forwards_per_image=round(float(np.mean(samples.forwards)), 2),
                               prompt_seed=PROMPT_SEED, seconds=round(time.perf_counter() - t0, 1))
     save_results(result, samples.images, out_dir)
     return result
@@ -299,6 +303,7 @@ def main(argv=None):
     sample.add_sampling_args(p)
     p.add_argument("--batch-size", type=int, default=64, help="images per generate() call")
     sample.add_runtime_args(p)
+    jacobi.add_args(p)
     p.add_argument("--ground-truth", action="store_true",
                    help="score each prompt's rendered scene, one per prompt (no model)")
     p.add_argument("--reconstruct", type=int, default=0, metavar="N",
@@ -324,9 +329,11 @@ def main(argv=None):
             save_results(result, images, args.out)
         else:
             flags = sample.sampling_flags(args)
+            speculative = jacobi.from_args(args)
             dtype = sample.runtime_dtype(args, "eval.py")
             result = run_geneval(args.ckpt, args.vq, args.out, args.n, args.size, args.seed, prompts, args.batch_size,
-                                 args.device, dtype=dtype, quantize=args.quantize, compile=args.compile, **flags)
+                                 args.device, dtype=dtype, quantize=args.quantize, compile=args.compile,
+                                 jacobi=speculative, **flags)
     except (ValueError, FileNotFoundError) as e:
         print(f"eval.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2)

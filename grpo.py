@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 import data
 import eval as geneval
+import jacobi
 import sample
 import train
 from model import Transformer
@@ -72,6 +73,7 @@ def get_parser():
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="the rollouts' dtype (auto: bfloat16 where the hardware computes it natively); "
                    "the policy and its update stay float32")
+    jacobi.add_args(p)  # rollouts: the same distribution, fewer forwards
     p.add_argument("--seed", type=int, default=0, help="captions and image seeds of step s derive from (seed, s)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps and at the end; 0: end only")
     p.add_argument("--keep", type=int, default=1, help="checkpoints to keep; 0: all")
@@ -170,6 +172,7 @@ def run(args):
         if c not in data.CATEGORIES:
             raise ValueError(f"--categories: unknown {c!r}; expected some of {data.CATEGORIES}")
     flags = sample.sampling_flags(args)
+    speculative = jacobi.from_args(args)
     sample.check_default_model(args.ckpt, args.vq)
     resume = train.find_resume(args)  # train.py's --resume: the same checkpoints, the same rule
     model, tok, vq, ckpt = sample.load(resume or args.ckpt, args.vq, dtype=torch.float32, decoding=False)
@@ -205,7 +208,8 @@ def run(args):
             roller.load_state_dict(model.state_dict())
             roller.prepare_decoding(vocab)
         rollout = sample.text_to_image(roller, tok, vq, captions, size, args.group, int(rng.integers(2**31)),
-                                       settings, batch_size=args.prompts * args.group, progress=False)
+                                       settings, batch_size=args.prompts * args.group, progress=False,
+                                       jacobi=speculative)
         rewards = geneval_reward(captions, rollout.images)
         adv = group_advantages(rewards)
         t1 = time.perf_counter()

@@ -79,6 +79,32 @@ class Stats:
         self.committed = [a + b for a, b in zip(old, counts)]
 
 
+def add_args(p):
+    """--jacobi and its options, as sample.py, eval.py and grpo.py take them."""
+    g = p.add_argument_group("speculative Jacobi decoding (jacobi.py)")
+    g.add_argument("--jacobi", action="store_true", help="decode several tokens per forward, same distribution")
+    g.add_argument("--window", type=int, default=None, help=f"positions per forward (default {Jacobi.window})")
+    g.add_argument("--draft-init", choices=INITS, default=None,
+                   help=f"initial draft of a new position (default {Jacobi.init})")
+    g.add_argument("--no-coupling", action="store_true", help="redraw unreached drafts independently (SJD)")
+
+
+def from_args(args) -> "Jacobi | None":
+    """The Jacobi options the flags ask for, None without --jacobi. ValueError for an option that is bad
+    or cannot apply (a Jacobi option without --jacobi; --jacobi with --compile, which compiles the
+    one-token step)."""
+    given = [f for f, v in (("--window", args.window), ("--draft-init", args.draft_init),
+                            ("--no-coupling", args.no_coupling or None)) if v is not None]
+    if not args.jacobi:
+        if given:
+            raise ValueError(f"{given[0]} applies to Jacobi decoding only: add --jacobi")
+        return None
+    if getattr(args, "compile", False):
+        raise ValueError("--compile compiles the one-token decode step, which --jacobi does not run")
+    options = dict(window=args.window, init=args.draft_init, coupling=False if args.no_coupling else None)
+    return Jacobi(**{k: v for k, v in options.items() if v is not None})
+
+
 def take(x, idx):
     """x [N, S, K] at idx [N, S] → [N, S]."""
     return x.gather(-1, idx.unsqueeze(-1)).squeeze(-1)

@@ -363,17 +363,20 @@ class Samples:
     images: np.ndarray | None  # uint8 [P, n, H, W, 3]; None when decode=False
     lm_seconds: float
     decoder_seconds: float
+    forwards: list  # model forwards per image, its prefill included (plain decoding: h * w)
 
 
 def text_to_image(model, tokenizer, vq, prompts, size=1024, n=1, seed=0, sampling=Sampling(),
-                  batch_size=None, decode=True, compile=False, progress=True) -> Samples:
+                  batch_size=None, decode=True, compile=False, progress=True, jacobi=None) -> Samples:
     """n images for each prompt string with SimpleAR's template; image j of a prompt uses seed + j.
 
     vq: a CosmosTokenizer (or anything with codebook_size, spatial_compression and decode(codes [B, h, w]));
     it fixes the codebook, so the LM's vocabulary must end with its codebook_size image rows.
     batch_size: images per generate() call (default n: one prompt's images share its prefill).
+    jacobi: a jacobi.Jacobi to decode with speculative Jacobi decoding (same distribution).
     Images are decoded one at a time, so that an image's pixels do not depend on its batch.
     """
+    import jacobi as jacobi_py  # jacobi.py builds on this file
     batch_size = batch_size or n
     check_request(prompts, size, n, batch_size, vq.spatial_compression)
     first_id = first_image_id(model.args.vocab_size, vq.codebook_size, tokenizer.get_vocab_size())
@@ -384,11 +387,17 @@ def text_to_image(model, tokenizer, vq, prompts, size=1024, n=1, seed=0, samplin
     negative = encode_negative(tokenizer, sampling.negative_prompt)
     check_generation(model, ids, negative, first_id, vq.codebook_size, side * side, [0] * len(ids), sampling)
     codes, images, lm_s, dec_s = [], [], 0.0, 0.0
+    stats = jacobi_py.Stats()
     for b in range(0, len(jobs), batch_size):
         chunk = jobs[b:b + batch_size]
+        args = (model, [p for p, _ in chunk], negative, first_id, vq.codebook_size, side * side, [s for _, s in chunk],
+                sampling)
         t0 = time.perf_counter()
-        c = generate(model, [p for p, _ in chunk], negative, first_id, vq.codebook_size, side * side,
-                     [s for _, s in chunk], sampling, compile=compile, progress=progress)
+        if jacobi is None:
+            c = generate(*args, compile=compile, progress=progress)
+            stats.forwards += [side * side] * len(chunk)
+        else:
+            c = jacobi_py.generate(*args, jacobi, width=side, stats=stats, progress=progress)
         c = c.view(-1, side, side)
         t1 = time.perf_counter()
         if decode:
@@ -398,7 +407,7 @@ def text_to_image(model, tokenizer, vq, prompts, size=1024, n=1, seed=0, samplin
         codes.append(c.cpu())
     codes = torch.cat(codes).view(len(prompts), n, side, side)
     images = np.stack(images).reshape(len(prompts), n, size, size, 3) if decode else None
-    return Samples(codes, images, lm_s, dec_s)
+    return Samples(codes, images, lm_s, dec_s, stats.forwards)
 
 
 def check_request(prompts, size, n, batch_size, compression=16):
@@ -579,26 +588,32 @@ def parse_args(argv=None):
     p.add_argument("--grid", action="store_true", help="also write grid.png (a row per prompt)")
     p.add_argument("--save-codes", action="store_true", help="also write each code grid as .npy [h, w] int32")
     add_runtime_args(p)
+    import jacobi  # jacobi.py builds on this file
+    jacobi.add_args(p)
     return p.parse_args(argv)
 
 
 def run(args):
+    import jacobi  # jacobi.py builds on this file
     prompts = read_prompts(args)
     check_request(prompts, 1 if args.size is None else args.size, args.n, args.batch_size or args.n,
                   compression=1)  # the size's multiple is checked once the tokenizer is loaded
     flags = sampling_flags(args)
+    speculative = jacobi.from_args(args)
     check_default_model(args.ckpt, args.vq)
     dtype = runtime_dtype(args, "sample.py")
     model, tokenizer, vq, ckpt = load(args.ckpt, args.vq, args.device, dtype, args.quantize)
     sampling = Sampling.from_checkpoint(ckpt, **flags)
     size = vq.config.resolution if args.size is None else args.size
     samples = text_to_image(model, tokenizer, vq, prompts, size, args.n, args.seed, sampling,
-                            batch_size=args.batch_size, compile=args.compile)
+                            batch_size=args.batch_size, compile=args.compile, jacobi=speculative)
     written = save_outputs(samples, prompts, args.seed, args.out, args.grid, args.save_codes)
     tokens = samples.codes.numel()
+    per_image = tokens // len(written)
     print(f"wrote {len(written)} images to {args.out}")
     print(f"{len(written)} images, {tokens} tokens in {samples.lm_seconds:.1f} s LM "
-          f"({tokens / samples.lm_seconds:.0f} tok/s) + {samples.decoder_seconds:.1f} s decoder")
+          f"({tokens / samples.lm_seconds:.0f} tok/s) + {samples.decoder_seconds:.1f} s decoder; "
+          f"{np.mean(samples.forwards):.1f} forwards per image (plain decoding: {per_image})")
 
 
 def main(argv=None):

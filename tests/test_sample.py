@@ -203,8 +203,8 @@ def test_cli_end_to_end(ckpts, tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
-    assert re.fullmatch(r"6 images, 96 tokens in [\d.]+ s LM \(\d+ tok/s\) \+ [\d.]+ s decoder",
-                        r.stdout.strip().splitlines()[-1])
+    assert re.fullmatch(r"6 images, 96 tokens in [\d.]+ s LM \(\d+ tok/s\) \+ [\d.]+ s decoder; "
+                        r"16.0 forwards per image \(plain decoding: 16\)", r.stdout.strip().splitlines()[-1])
     stems = [f"{s}_s0_{j}" for s in ("a-cat-wearing-a-hat", "a-red-circle", "two-dogs") for j in (0, 1)]
     assert sorted(os.listdir(out)) == sorted(["grid.png"] + [s + e for s in stems for e in (".png", ".npy")])
     pngs = [np.asarray(Image.open(out / f"{s}.png")) for s in stems]
@@ -274,6 +274,10 @@ def test_sampling_defaults_from_generation_config(ckpts, tmp_path):
     (["--prompt", "a cat", "--size", "2912"], "+ 33124 image tokens = 33"),  # 182² codes, and the prompt
     (["--prompt", "a cat", "--size", "2912"], "positions, more than the model's max_position_embeddings (32768)"),
     (["--prompts-file", "/nonexistent/prompts.txt"], "prompts file not found"),
+    (["--prompt", "a cat", "--jacobi", "--window", "0"], "window must be an integer >= 1"),
+    (["--prompt", "a cat", "--window", "8"], "--window applies to Jacobi decoding only"),
+    (["--prompt", "a cat", "--no-coupling"], "--no-coupling applies to Jacobi decoding only"),
+    (["--prompt", "a cat", "--jacobi", "--compile"], "--compile compiles the one-token decode step"),
 ])
 def test_bad_input_exits_2_with_one_line(ckpts, capsys, args, match):
     with pytest.raises(SystemExit) as e:
@@ -372,3 +376,18 @@ def test_int8_quantized_sampling_runs(ckpts, tmp_path):
     main(["--prompt", "a cat", "--ckpt", ckpts[0], "--vq", ckpts[1], "--size", "32", "--n", "2", "--quantize", "int8",
           "--out", str(tmp_path)])
     assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+def test_jacobi_from_the_cli(ckpts, tmp_path):
+    """--jacobi writes the same files; its last line counts fewer forwards than tokens (greedy: same codes)."""
+    lm, vq = ckpts
+    for out, extra in (("plain", []), ("jacobi", ["--jacobi", "--window", "4"])):
+        r = subprocess.run([sys.executable, "sample.py", "--prompt", "a cat", "--ckpt", lm, "--vq", vq, "--size", "64",
+                            "--n", "2", "--top-k", "1", "--out", str(tmp_path / out), "--save-codes", *extra],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        forwards = float(re.search(r"([\d.]+) forwards per image \(plain decoding: 16\)", r.stdout).group(1))
+        assert forwards == 16.0 if out == "plain" else 4.0 <= forwards < 16.0
+    for j in (0, 1):
+        assert np.array_equal(np.load(tmp_path / "plain" / f"a-cat_s0_{j}.npy"),
+                              np.load(tmp_path / "jacobi" / f"a-cat_s0_{j}.npy"))
