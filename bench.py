@@ -88,19 +88,16 @@ def bytes_per_step(model, vocab) -> int:
     return total
 
 
-def time_decode(model, prompt, negative, vocab, n, sampling, compile, device, repeat):
-    """Median seconds of sample.decode_n_tokens (the shipped loop) for n tokens of one CFG pair, after
-    sample.prefill; one untimed run first (it compiles, when compile)."""
-    times = []
-    for r in range(repeat + 1):
-        logits, col = sample.prefill(model, [prompt], negative, vocab, n, sampling, compile)
-        u = sample.uniforms([r], n, device)
-        sync(device)
-        t0 = time.perf_counter()
-        sample.decode_n_tokens(model, logits, col, u, sampling, vocab[0], vocab, compile, progress=False)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+def time_decode(model, prompt, negative, vocab, n, sampling, compile, device, seed=0):
+    """Seconds of sample.decode_n_tokens (the shipped loop) for n tokens of one CFG pair, after
+    sample.prefill."""
+    logits, col = sample.prefill(model, [prompt], negative, vocab, n, sampling, compile)
+    u = sample.uniforms([seed], n, device)
+    sync(device)
+    t0 = time.perf_counter()
+    sample.decode_n_tokens(model, logits, col, u, sampling, vocab[0], vocab, compile, progress=False)
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def transformers_decode(model, dtype, prompt, negative, n, scale, device, repeat):
@@ -155,7 +152,9 @@ def transformers_decode(model, dtype, prompt, negative, n, scale, device, repeat
 
 def decode_rows(a, margs, configs):
     """One row per (dtype, quantize, compile) of configs: ms per decode step of the shipped loop and,
-    per dtype, of transformers' path; the bytes read per step and the share of the read roofline."""
+    per dtype, of transformers' path; the bytes read per step and the share of the read roofline.
+    The configurations take turns, run after run, so that a machine whose speed drifts (a shared
+    host) slows them alike; each row is a median over --repeat runs."""
     bw = read_bandwidth() if torch.device(a.device).type == "cpu" else None
     K = a.codebook
     V = margs.vocab_size
@@ -163,24 +162,32 @@ def decode_rows(a, margs, configs):
     prompt = list(range(100, 100 + a.prompt_len))
     negative = list(range(200, 200 + a.prompt_len + 11))
     s = sample.Sampling(guidance_scale=a.cfg)
-    rows, hf_ms = [], {}
     steps = a.tokens - 1  # the first token is drawn from the prefill's logits
-    for dtype, quantize, compile in configs:
-        model = random_model(margs, dtype, a.device).prepare_decoding(vocab, quantize)
-        nbytes = bytes_per_step(model, vocab)  # before the cache exists: weights only
-        with torch.inference_mode():
-            t = time_decode(model, prompt, negative, vocab, a.tokens, s, compile, a.device, a.repeat)
-        if a.transformers and dtype not in hf_ms:
-            plain = random_model(margs, dtype, a.device)
-            hf_ms[dtype] = 1e3 * transformers_decode(plain, dtype, prompt, negative, a.tokens, a.cfg, a.device,
-                                                     a.repeat) / a.tokens
-            del plain
-        ms = 1e3 * t / steps
-        rows.append(dict(dtype=str(dtype).removeprefix("torch."), quantize=quantize or "-", compile=compile, ms=ms,
-                         gb=nbytes / 1e9, roofline=(nbytes / bw * 1e3 / ms) if bw else None,
-                         hf_ms=hf_ms.get(dtype)))
-        model.cache = None
-        del model
+    models = [random_model(margs, dtype, a.device).prepare_decoding(vocab, quantize)
+              for dtype, quantize, _ in configs]
+    nbytes = [bytes_per_step(m, vocab) for m in models]  # before a cache exists: weights only
+    times = [[] for _ in configs]
+    with torch.inference_mode():
+        for r in range(a.repeat + 1):  # the first round warms up (and compiles)
+            for i, (model, (_, _, compile)) in enumerate(zip(models, configs)):
+                t = time_decode(model, prompt, negative, vocab, a.tokens, s, compile, a.device, r)
+                if r:
+                    times[i].append(t)
+    for m in models:
+        m.cache = None
+    del models
+    hf_ms = {}
+    for dtype in dict.fromkeys(c[0] for c in configs) if a.transformers else ():
+        plain = random_model(margs, dtype, a.device)
+        t = transformers_decode(plain, dtype, prompt, negative, a.tokens, a.cfg, a.device, a.repeat)
+        hf_ms[dtype] = 1e3 * t / a.tokens
+        del plain
+    rows = []
+    for (dtype, quantize, compile), t, nb in zip(configs, times, nbytes):
+        ms = 1e3 * statistics.median(t) / steps
+        rows.append(dict(dtype=str(dtype).removeprefix("torch."), quantize=quantize or "-",
+                         compile=compile, ms=ms, gb=nb / 1e9,
+                         roofline=(nb / bw * 1e3 / ms) if bw else None, hf_ms=hf_ms.get(dtype)))
     return rows, bw
 
 

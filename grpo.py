@@ -9,7 +9,9 @@
 
 One step (DeepSeekMath's GRPO as TRL ran it for SimpleAR, sjd_grpo.md B.2-B.3):
   1. draw --prompts captions; sample --group images of each with sample.py, at the checkpoint's own sampling
-     settings (guidance and top-k included: the sampler people use is the one we improve; T2I-R1 does the same);
+     settings (guidance and top-k included: the sampler people use is the one we improve; T2I-R1 does the same),
+     on a copy of the float32 policy in the dtype --dtype picks (bf16 where the hardware computes it natively,
+     as vLLM rollouts are), with --jacobi if asked (the same distribution, fewer forwards);
   2. score each image; advantage = (reward - mean of its group) / (std of its group + 1e-4);
   3. one gradient step on  mean over image tokens of  -A * exp(logp - sg(logp)) + beta * k3(ref, logp).
      There is one update per rollout (TRL's mu = 1): the ratio is exactly 1, so PPO's clipping never acts and only

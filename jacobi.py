@@ -1,8 +1,9 @@
-"""Speculative Jacobi decoding: several image tokens per forward, with exactly the distribution of plain decoding.
+"""Speculative Jacobi decoding: several image tokens per forward, plain decoding's distribution.
 
-    python sample.py --prompt "two red circles" --jacobi                 # window 16, the default options
-    python sample.py --prompt "two red circles" --jacobi --window 8 --draft-init random --no-coupling   # SJD as published
-    python bench.py jacobi                                               # forwards and wall time against plain decoding
+    python sample.py --prompt "two red circles" --jacobi         # window 16, the default options
+    python sample.py --prompt "two red circles" --jacobi --window 16 --draft-init random \
+        --no-coupling                                            # SJD as published
+    python bench.py jacobi                                       # forwards, wall time, histogram
     python -m pytest -q tests/test_jacobi.py
 
 SJD (Teng et al., arXiv 2410.01699; tyshiwo1/Accelerating-T2I-AR-with-SJD,
@@ -15,7 +16,8 @@ norm(max(0, p_s - q_s)); if every draft passes, one more token comes from p_{W-1
 commits between 1 and W tokens, and each has exactly the distribution plain decoding gives it.
 Drafts that were not reached become p's own samples for the next forward (the Jacobi iteration),
 with q := p; positions new to the window get an initial draft whose q is one-hot (a draft fixed
-before the forward is, given it, a deterministic guess: accepting it with probability p(d) is exact).
+before the forward is, given it, a deterministic guess: accepting it with probability p(d) is
+exact).
 
 What this file does beyond SJD's published form, each an option:
 
@@ -25,9 +27,9 @@ What this file does beyond SJD's published form, each an option:
   verified against the exact q that drew it (SimpleAR verifies argmax drafts against soft
   probabilities), the residual is not truncated again by top-k (SJD's code is): exact, as tested;
 * coupling (default on): a tail draft that was not reached is not redrawn independently but kept
-  with probability min(1, p/q), else redrawn from norm(max(0, p - q)), the maximal coupling of SJD-PAC's
-  adaptive continuation (arXiv 2603.18599) and SCD (arXiv 2510.24211): still a draw from p, and
-  drafts that were right stay put;
+  with probability min(1, p/q), else redrawn from norm(max(0, p - q)): the maximal coupling of
+  SJD-PAC's adaptive continuation (arXiv 2603.18599) and of SCD (arXiv 2510.24211). Still a draw
+  from p, and drafts that were right stay put;
 * spatial initial drafts: the token above (raster index - grid width, ZipAR's neighbour), the left
   neighbour (SJD's "repeat horizon"), or a random code (SJD's default).
 
@@ -38,6 +40,7 @@ uniforms, drawn up front from torch.Generator().manual_seed(seeds[i]), a fixed n
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import sample
@@ -82,26 +85,31 @@ class Stats:
 def add_args(p):
     """--jacobi and its options, as sample.py, eval.py and grpo.py take them."""
     g = p.add_argument_group("speculative Jacobi decoding (jacobi.py)")
-    g.add_argument("--jacobi", action="store_true", help="decode several tokens per forward, same distribution")
-    g.add_argument("--window", type=int, default=None, help=f"positions per forward (default {Jacobi.window})")
+    g.add_argument("--jacobi", action="store_true",
+                   help="decode several tokens per forward, with the same distribution")
+    g.add_argument("--window", type=int, default=None,
+                   help=f"positions per forward (default {Jacobi.window})")
     g.add_argument("--draft-init", choices=INITS, default=None,
                    help=f"initial draft of a new position (default {Jacobi.init})")
-    g.add_argument("--no-coupling", action="store_true", help="redraw unreached drafts independently (SJD)")
+    g.add_argument("--no-coupling", action="store_true",
+                   help="redraw unreached drafts independently (SJD)")
 
 
 def from_args(args) -> "Jacobi | None":
-    """The Jacobi options the flags ask for, None without --jacobi. ValueError for an option that is bad
-    or cannot apply (a Jacobi option without --jacobi; --jacobi with --compile, which compiles the
-    one-token step)."""
-    given = [f for f, v in (("--window", args.window), ("--draft-init", args.draft_init),
-                            ("--no-coupling", args.no_coupling or None)) if v is not None]
+    """The Jacobi options the flags ask for, None without --jacobi. ValueError for an option that is
+    bad or cannot apply (a Jacobi option without --jacobi; --jacobi with --compile, which compiles
+    the one-token step)."""
+    flags = (("--window", args.window), ("--draft-init", args.draft_init),
+             ("--no-coupling", args.no_coupling or None))
+    given = [name for name, value in flags if value is not None]
     if not args.jacobi:
         if given:
             raise ValueError(f"{given[0]} applies to Jacobi decoding only: add --jacobi")
         return None
     if getattr(args, "compile", False):
-        raise ValueError("--compile compiles the one-token decode step, which --jacobi does not run")
-    options = dict(window=args.window, init=args.draft_init, coupling=False if args.no_coupling else None)
+        raise ValueError("--compile compiles the one-token step, which --jacobi does not run")
+    coupling = False if args.no_coupling else None
+    options = dict(window=args.window, init=args.draft_init, coupling=coupling)
     return Jacobi(**{k: v for k, v in options.items() if v is not None})
 
 
@@ -111,32 +119,34 @@ def take(x, idx):
 
 
 def couple(p, q, d, u_keep, u_draw):
-    """Speculative sampling's step, elementwise over [N, S]: keep draft d (drawn from q) with probability
-    min(1, p(d)/q(d)), else draw from norm(max(0, p - q)). p, q [N, S, K] float32; d [N, S] long;
-    u_keep, u_draw [N, S] uniforms → (codes [N, S], kept [N, S] bool). The codes are exact draws from p."""
+    """Speculative sampling's step, elementwise over [N, S]: keep draft d (drawn from q) with
+    probability min(1, p(d)/q(d)), else draw from norm(max(0, p - q)). p, q [N, S, K] float32;
+    d [N, S] long; u_keep, u_draw [N, S] uniforms → (codes [N, S], kept [N, S] bool). The codes
+    are exact draws from p."""
     ratio = take(p, d) / take(q, d)  # q(d) > 0: d was drawn from q
     kept = u_keep < ratio
     residual = (p - q).clamp(min=0)
-    # no residual mass at all only where p == q to the last bit: then a draw from p is the residual's limit
+    # no residual mass only where p == q to the last bit: a draw from p is then the residual's limit
     empty = residual.sum(-1, keepdim=True) <= 0
     redraw = invert_cdf(torch.where(empty, p, residual), u_draw)
     return torch.where(kept, d, redraw), kept
 
 
 def draft_from(p, u):
-    """Jacobi drafts: a draw from p [N, S, K] per position with uniforms u [N, S]. Stored with q := p, this
-    is exact; SimpleAR's argmax of p with q := p is not (tests/test_jacobi.py shows the bias)."""
+    """Jacobi drafts: a draw from p [N, S, K] per position with uniforms u [N, S]. Stored with
+    q := p this is exact; SimpleAR's argmax of p with q := p is not (tests/test_jacobi.py)."""
     return invert_cdf(p, u)
 
 
 @torch.no_grad()
-def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds, sampling=Sampling(),
-             jacobi=Jacobi(), width=None, stats=None, progress=True):
-    """Sample n_tokens image codes for each of len(prompts) images → LongTensor [N, n_tokens], with the
-    call shape and the distribution of sample.generate (not its codes: the randomness is used
-    differently). width: the code grid's width, for init "above" (default: a square grid).
+def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
+             sampling=Sampling(), jacobi=Jacobi(), width=None, stats=None, progress=True):
+    """Sample n_tokens image codes for each of len(prompts) images → LongTensor [N, n_tokens],
+    with the call shape and the distribution of sample.generate (not its codes: the randomness is
+    used differently). width: the code grid's width, for init "above" (default: a square grid).
     stats: a Stats to fill. Raises ValueError as sample.generate does."""
-    sample.check_generation(model, prompts, negative, first_id, codebook_size, n_tokens, seeds, sampling)
+    request = (model, prompts, negative, first_id, codebook_size, n_tokens, seeds, sampling)
+    sample.check_generation(*request)
     device = model.embed_tokens.weight.device
     N, K = len(prompts), codebook_size
     W = min(jacobi.window, n_tokens)
@@ -144,22 +154,22 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
     vocab = (first_id, first_id + K)
     logits, col = sample.prefill(model, prompts, negative, vocab, n_tokens + W, sampling)
     branches = logits.shape[0] // N
-    # image i's uniforms, 5W per forward: W-1 acceptances, W-1 residual draws, 1 last draw, W-1 keeps
-    # and W-1 draws of the tail, W-1 initial drafts
+    # image i's uniforms, 5W per forward: W-1 acceptances, W-1 residual draws, 1 last draw,
+    # W-1 keeps and W-1 draws of the tail, W-1 initial drafts
     per = 5 * W
     stream = sample.uniforms(seeds, per * n_tokens + 1, device)
     roles = torch.arange(per, device=device)
     images = torch.arange(N, device=device)
     slots = torch.arange(W, device=device)
-    codes = torch.zeros(N, n_tokens + W, dtype=torch.long, device=device)  # room for a window past the end
+    codes = torch.zeros(N, n_tokens + W, dtype=torch.long, device=device)  # room past the end
     seen = torch.zeros(N, K, dtype=torch.bool, device=device)
     codes[:, 0] = sample.sample_codes(logits, seen, stream[:, -1], sampling)  # from the prefill
     seen[images, codes[:, 0]] = True
     n = torch.ones(N, dtype=torch.long, device=device)  # tokens committed, per image
     forwards = torch.ones(N, dtype=torch.long, device=device)  # the prefill counts
-    drafts = torch.zeros(N, W - 1, dtype=torch.long, device=device)  # drafts of positions n .. n+W-2
+    drafts = torch.zeros(N, W - 1, dtype=torch.long, device=device)  # positions n .. n+W-2
     q = torch.zeros(N, W - 1, K, device=device)  # the distribution each draft was drawn from
-    known = torch.zeros(N, dtype=torch.long, device=device)  # leading drafts that are not initial guesses
+    known = torch.zeros(N, dtype=torch.long, device=device)  # leading drafts that are no guesses
     committed = []
     bar = tqdm(total=N * n_tokens, initial=N, desc="tokens", disable=not progress, leave=False)
     while True:
@@ -168,28 +178,31 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
             break
         u = stream.gather(1, (forwards[:, None] - 1) * per + roles)
         u_accept, u_residual = u[:, :W - 1], u[:, W - 1:2 * W - 2]
-        u_last, u_keep, u_tail = u[:, 2 * W - 2], u[:, 2 * W - 1:3 * W - 2], u[:, 3 * W - 2:4 * W - 3]
-        u_init = u[:, 4 * W - 3:5 * W - 4]
+        u_last, u_keep = u[:, 2 * W - 2], u[:, 2 * W - 1:3 * W - 2]
+        u_tail, u_init = u[:, 3 * W - 2:4 * W - 3], u[:, 4 * W - 3:5 * W - 4]
         # initial drafts (one-hot q) where the window reaches positions it had no draft for
         fresh = slots[None, :-1] >= known[:, None]
         guess = initial_drafts(codes, drafts, n, known, width, jacobi.init, u_init, K)
         drafts = torch.where(fresh, guess, drafts)
-        q = torch.where(fresh[..., None], torch.nn.functional.one_hot(drafts, K).to(q.dtype), q)
+        q = torch.where(fresh[..., None], F.one_hot(drafts, K).to(q.dtype), q)
         # the window: the last committed code, then the drafts, at each image's own cache columns
         tokens = torch.cat([codes.gather(1, (n - 1)[:, None]), drafts], dim=1)
         cols = col + n[:, None] - 1 + slots  # [N, W]
-        out = model(first_id + tokens.repeat(branches, 1), input_pos=cols.repeat(branches, 1), vocab=vocab,
-                    kv_len=int(col + n.max()) + W - 1)  # [R, W, K]
+        kv_len = int(col + n.max()) + W - 1
+        out = model(first_id + tokens.repeat(branches, 1), input_pos=cols.repeat(branches, 1),
+                    vocab=vocab, kv_len=kv_len)  # [R, W, K]
         uncond = out[N:] if sampling.guided else None
-        p = torch.softmax(guided_scores(out[:N], uncond, window_seen(seen, drafts, sampling), sampling), dim=-1)
+        assumed = window_seen(seen, drafts, sampling)
+        p = torch.softmax(guided_scores(out[:N], uncond, assumed, sampling), dim=-1)  # [N, W, K]
         # verify left to right: slot s's logits give position n + s, whose draft is drafts[:, s]
         new, kept = couple(p[:, :-1], q, drafts, u_accept, u_residual)
         a = kept.long().cumprod(1).sum(1)  # drafts accepted before the first rejection
-        # then one more: the residual draw at the rejected slot, or a draw from p_{W-1} if all passed
+        # then one more: the residual draw at the rejected slot, or from p_{W-1} if all passed
         after = torch.cat([new, invert_cdf(p[:, -1], u_last)[:, None]], dim=1)  # [N, W]
         more = after.gather(1, a[:, None])[:, 0]
-        c = torch.minimum(a + 1, n_tokens - n) * active  # tokens committed, clipped at the image's end
-        window = torch.cat([drafts, more[:, None]], dim=1).scatter(1, a[:, None], more[:, None])
+        c = torch.minimum(a + 1, n_tokens - n) * active  # committed, clipped at the image's end
+        window = torch.cat([drafts, more[:, None]], dim=1)
+        window = window.scatter(1, a[:, None], more[:, None])
         keep = slots[None] < c[:, None]  # [N, W]
         at = n[:, None] + slots
         codes.scatter_(1, at, torch.where(keep, window, codes.gather(1, at)))
@@ -198,10 +211,10 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
         src = (c[:, None] + slots[:-1]).clamp(max=W - 1)
         p_next = p.gather(1, src[..., None].expand(-1, -1, K))
         sampled = draft_from(p_next, u_tail)
-        if jacobi.coupling:  # an old draft is kept or moved by maximal coupling, still a draw from p
+        if jacobi.coupling:  # an old draft is kept or moved by maximal coupling: a draw from p
             old = src.clamp(max=W - 2)
-            coupled, _ = couple(p_next, q.gather(1, old[..., None].expand(-1, -1, K)), drafts.gather(1, old),
-                                u_keep, u_tail)
+            q_old = q.gather(1, old[..., None].expand(-1, -1, K))
+            coupled, _ = couple(p_next, q_old, drafts.gather(1, old), u_keep, u_tail)
             sampled = torch.where(src < W - 1, coupled, sampled)
         drafts = torch.where(active[:, None], sampled, drafts)
         q = torch.where(active[:, None, None], p_next, q)
@@ -213,13 +226,14 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
     bar.close()
     model.cache = None
     if stats is not None:
-        stats.add(forwards.tolist(), torch.cat(committed).cpu() if committed else torch.zeros(0, dtype=torch.long))
+        counts = torch.cat(committed).cpu() if committed else torch.zeros(0, dtype=torch.long)
+        stats.add(forwards.tolist(), counts)
     return codes[:, :n_tokens]
 
 
 def window_seen(seen, drafts, sampling):
-    """[N, W, K] bool: the codes slot s's repetition penalty sees, the committed ones and drafts 0..s-1
-    (the prefix that slot assumes), or seen [N, 1, K] when there is no penalty."""
+    """[N, W, K] bool: the codes slot s's repetition penalty sees, the committed ones and drafts
+    0..s-1 (the prefix that slot assumes), or seen [N, 1, K] when there is no penalty."""
     if sampling.repetition_penalty == 1.0:
         return seen[:, None]
     N, S = drafts.shape
@@ -231,10 +245,10 @@ def window_seen(seen, drafts, sampling):
 
 
 def initial_drafts(codes, drafts, n, known, width, init, u, k):
-    """Initial drafts of the window's positions n + s (s >= known[i] for image i): a uniform random code,
-    or the code at the position above (raster index - width) or to the left, as it stands: a committed
-    code, or a draft that is not itself a guess. Above falls back to the left in the first row, and
-    from a guess to the row above it. codes [N, *], drafts [N, S], u [N, S] → [N, S]."""
+    """Initial drafts of the window's positions n + s (s >= known[i] for image i): a uniform random
+    code, or the code at the position above (raster index - width) or to the left, as it stands: a
+    committed code, or a draft that is not itself a guess. Above falls back to the left in the first
+    row, and from a guess to the row above it. codes [N, *], drafts [N, S], u [N, S] → [N, S]."""
     if init == "random":
         return (u * k).long().clamp(max=k - 1)
     S = drafts.shape[1]

@@ -51,7 +51,8 @@ class ModelArgs:
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of "
+                             f"n_kv_heads={self.n_kv_heads}")
 
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
@@ -97,15 +98,16 @@ class ModelArgs:
 
 
 PRESETS = {
-    # Qwen2.5-{0.5B,1.5B}-Instruct shapes with SimpleAR's vocabulary (simplear.md, section 1.3)
+    # Qwen2.5-{0.5B,1.5B}-Instruct shapes (their config.json) with SimpleAR's vocabulary
     "simplear-0.5b": dict(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, intermediate_size=4864),
     "simplear-1.5b": dict(dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, intermediate_size=8960),
     # test sizes: 300 text ids + 7 special + 4,096 codes, laid out like SimpleAR's vocabulary
-    "tiny": dict(vocab_size=4403, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
-                 max_position_embeddings=2048, bos_token_id=None, eos_token_id=None),
-    # the shipped nano model (recipes/nano.sh): trained from scratch; its vocab size is set by train.py
-    "nano": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=768, max_position_embeddings=512,
-                 bos_token_id=None, eos_token_id=None),
+    "tiny": dict(vocab_size=4403, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                 intermediate_size=128, max_position_embeddings=2048, bos_token_id=None,
+                 eos_token_id=None),
+    # the shipped nano model (recipes/nano.sh), trained from scratch; train.py sets its vocab size
+    "nano": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=768,
+                 max_position_embeddings=512, bos_token_id=None, eos_token_id=None),
 }
 
 
@@ -123,7 +125,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin [B, 1, T, head_dim] for integer positions pos [B, T], in Qwen2's half-rotation layout."""
+    """cos, sin [B, 1, T, head_dim] for integer positions pos [B, T], in Qwen2's half-rotation
+    layout."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)
     freqs = pos.float()[..., None] * inv_freq  # computed from scratch each call: exact, and cheap
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]
@@ -203,8 +206,9 @@ class Attention(nn.Module):
         self.o_proj = Linear(a.n_heads * a.head_dim, a.dim, bias=False)
 
     def forward(self, x, cos, sin, mask=None, kv_cache=None, cols=None, kv_len=None):
-        """x [B, T, dim]. With kv_cache ([2, B', n_kv_heads, S, head_dim], B' >= B): row b's keys and
-        values are written at its cache columns cols [B, T], then it attends over the first kv_len."""
+        """x [B, T, dim]. With kv_cache ([2, B', n_kv_heads, S, head_dim], B' >= B): row b's keys
+        and values are written at its cache columns cols [B, T], then it attends over the first
+        kv_len columns, as mask [B, 1, rep*T, kv_len] allows."""
         B, T, _ = x.shape
         hd, nkv = self.head_dim, self.n_kv_heads
         rep = self.n_heads // nkv
@@ -223,7 +227,7 @@ class Attention(nn.Module):
             v_cache[rows, :, cols] = v.transpose(1, 2).to(v_cache.dtype)
             k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
             # Grouped-query attention without copying keys: fold the `rep` query heads that share a
-            # key head into the query length, so K/V are read once per key head (mask [B, 1, rep*T, S])
+            # key head into the query length, so K/V are read once per key head
             q = q.reshape(B, nkv, rep * T, hd)
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         y = y.reshape(B, self.n_heads, T, hd).transpose(1, 2).reshape(B, T, self.n_heads * hd)
@@ -279,13 +283,14 @@ def resolve_dtype(name: str, device) -> tuple[torch.dtype, str | None]:
     if name == "auto":
         if device.type == "cuda":
             return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), None
-        return (torch.bfloat16 if device.type == "cpu" and cpu_bf16_native() else torch.float32), None
+        native = device.type == "cpu" and cpu_bf16_native()
+        return (torch.bfloat16 if native else torch.float32), None
     if name not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
     dtype = DTYPES[name]
     if device.type == "cpu" and dtype != torch.float32 and not cpu_bf16_native():
-        return dtype, (f"{name} on a CPU without bf16 instructions is emulated and can be far slower "
-                       "than float32 (--dtype auto picks float32 here)")
+        return dtype, (f"{name} on a CPU without bf16 instructions is emulated and can be far "
+                       "slower than float32 (--dtype auto picks float32 here)")
     return dtype, None
 
 
@@ -312,7 +317,8 @@ class KVCache(nn.Module):
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         shape = (a.n_layers, 2, batch_size, a.n_kv_heads, max_seq_len, a.head_dim)
         self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("start", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
+        start = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.register_buffer("start", start, persistent=False)
 
     def copy_rows(self, src, dst):
         """Row dst[i] becomes a copy of row src[i] (all columns, all layers)."""
@@ -329,7 +335,8 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.lm_head = None if args.tie_word_embeddings else Linear(args.dim, args.vocab_size, bias=False)
+        tied = args.tie_word_embeddings
+        self.lm_head = None if tied else Linear(args.dim, args.vocab_size, bias=False)
         self.cache: KVCache | None = None
         self.gradient_checkpointing = False
         # prepare_decoding(): (lo, hi, module), a head over vocabulary rows [lo, hi) only, packed or
@@ -347,8 +354,8 @@ class Transformer(nn.Module):
         last_only).
 
         Without input_pos: an uncached causal forward over positions 0..T-1 (training, references).
-        With input_pos, the cache columns of the tokens: [T] for every row, or [B, T] for row b's own
-        columns, so rows can hold different numbers of tokens. Each token is written to
+        With input_pos, the cache columns of the tokens: [T] for every row, or [B, T] for row b's
+        own columns, so rows can hold different numbers of tokens. Each token is written to
         `self.cache` at its column and sees the columns <= its own from its row's start on, so
         rolling back is writing at earlier columns. kv_len limits attention to the first kv_len
         cache columns (an eager speed-up; under torch.compile leave it None: static shapes).
@@ -383,7 +390,8 @@ class Transformer(nn.Module):
             q = cols[:, None, :, None]  # [B, 1, T, 1] against keys [kv_len]
             # a left-padding query sees only itself: no row is all -inf (NaN), padding never leaks
             mask = ((key <= q) & (key >= start[:, :, None, None])) | (key == q)
-            mask = mask.repeat(1, 1, self.args.n_heads // self.args.n_kv_heads, 1)  # Attention's GQA fold
+            rep = self.args.n_heads // self.args.n_kv_heads
+            mask = mask.repeat(1, 1, rep, 1)  # as Attention folds grouped query heads
             pos = (cols - start).clamp(min=0)
         cos, sin = rope_cos_sin(pos, self.args.head_dim, self.args.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
@@ -404,7 +412,8 @@ class Transformer(nn.Module):
         dtype = dtype or p.dtype
         device = device or p.device
         c = self.cache
-        if c is None or (c.batch_size, c.max_seq_len, c.kv.dtype) != (batch_size, max_seq_len, dtype):
+        size = (batch_size, max_seq_len, dtype)
+        if c is None or (c.batch_size, c.max_seq_len, c.kv.dtype) != size:
             self.cache = KVCache(self.args, batch_size, max_seq_len, dtype, device)
         else:
             c.kv.zero_()
@@ -416,7 +425,8 @@ class Transformer(nn.Module):
         [len(prompts), V] and the next free column. ValueError when they do not fit the cache."""
         T = max(len(p) for p in prompts)
         if self.cache is None or len(prompts) > self.cache.batch_size or T > self.cache.max_seq_len:
-            raise ValueError("prefill does not fit the cache: call setup_cache() with enough rows/columns")
+            raise ValueError("prefill does not fit the cache: call setup_cache() with enough rows "
+                             "and columns")
         if torch.is_grad_enabled():
             raise RuntimeError("prefill writes the cache in place: call it under torch.no_grad()")
         device = self.cache.kv.device
@@ -477,7 +487,7 @@ class Transformer(nn.Module):
             raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
         args = ModelArgs.from_hf_config(cfg)
         tensors = read_safetensors(path)
-        # tied unless the config unties it and the file holds its own head (simplear.md 1.3)
+        # tied unless the config unties it and the file holds its own head, as Qwen2.5-Instruct is
         args.tie_word_embeddings = args.tie_word_embeddings or "lm_head.weight" not in tensors
         if args.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
@@ -488,11 +498,15 @@ class Transformer(nn.Module):
             if k not in tensors:
                 raise ValueError(f"{path}: missing key {k} (expected shape {tuple(shape)})")
             if tensors[k].shape != shape:
-                raise ValueError(f"{path}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(shape)}")
+                raise ValueError(f"{path}: {k} has shape {tuple(tensors[k].shape)}, "
+                                 f"expected {tuple(shape)}")
         unexpected = sorted(set(tensors) - set(expected))
         if unexpected:
-            raise ValueError(f"{path}: unexpected key {unexpected[0]} (shape {tuple(tensors[unexpected[0]].shape)})")
-        state = {k: tensors[cls.hf_key(k)].to(device=device, dtype=dtype) for k in model.state_dict()}
+            extra = unexpected[0]
+            shape = tuple(tensors[extra].shape)
+            raise ValueError(f"{path}: unexpected key {extra} (shape {shape})")
+        state = {k: tensors[cls.hf_key(k)].to(device=device, dtype=dtype)
+                 for k in model.state_dict()}
         model.load_state_dict(state, assign=True)
         return model.eval()
 
@@ -500,13 +514,15 @@ class Transformer(nn.Module):
         """config.json + model.safetensors in Hugging Face Qwen2 layout; files land by rename."""
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
-        state = {self.hf_key(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {self.hf_key(k): v.detach().contiguous().cpu()
+                 for k, v in self.state_dict().items()}
         dtype = self.embed_tokens.weight.dtype
         save_file(state, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
         with open(os.path.join(path, "config.json.tmp"), "w") as f:
             json.dump(self.args.to_hf_config(dtype), f, indent=2)
         if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
-            os.remove(os.path.join(path, "model.safetensors.index.json"))  # stale shards would shadow ours
+            # stale shards would shadow ours
+            os.remove(os.path.join(path, "model.safetensors.index.json"))
         for name in ("model.safetensors", "config.json"):
             os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
 
@@ -519,12 +535,14 @@ def read_safetensors(path: str) -> dict:
     """All tensors of model.safetensors or of the shards named by model.safetensors.index.json."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single):
         files = [single]
     elif os.path.isfile(index):
         with open(index) as f:
-            files = [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+            files = [os.path.join(path, s) for s in shards]
     else:
         raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
     tensors = {}

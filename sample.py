@@ -1,18 +1,19 @@
-"""Text-to-image sampling with SimpleAR checkpoints: the settings, prefill, the decode step, the loop, the CLI.
+"""Text-to-image sampling: the settings, prefill, the decode step, the loop, the CLI.
 
-    python sample.py --prompt "two red circles"     # the shipped nano model (checkpoints/nano), 64², CPU, offline
+    python sample.py --prompt "two red circles"     # the shipped nano model: 64², CPU, offline
     python sample.py --prompt "a cat wearing a hat" --ckpt Daniel0724/SimpleAR-0.5B-RL \\
         --vq nvidia/Cosmos-1.0-Tokenizer-DV8x16x16 --out samples/      # 4 images at 1024², cfg 6
-    python sample.py --prompts-file prompts.txt --ckpt DIR --vq DIR --size 512 --n 2 --grid --save-codes
+    python sample.py --prompts-file prompts.txt --ckpt DIR --vq DIR --size 512 --n 2 --grid \\
+        --save-codes --jacobi --quantize int8
     python -m pytest tests/test_sample.py
 
 Generation is split as gpt-fast splits it (pytorch-labs/gpt-fast, generate.py): `prefill` runs the
 prompts once, `decode_one_token` is one forward + guidance + filtering + the draw, and
-`decode_n_tokens` is the loop that calls it; under `--compile` the step compiles once, and nothing in
-the loop waits for the device. One step follows SimpleAR's Hugging Face path (wdrink/SimpleAR,
-simpar/model/language_model/ generate with its CFG logits processor), per image:
-conditional logits → repetition penalty → log-softmax of both branches → uncond + s·(cond − uncond) →
-temperature → top-k → top-p → a draw. Two things differ, both on purpose:
+`decode_n_tokens` is the loop that calls it; under `--compile` the step compiles once, and nothing
+in the loop waits for the device. One step follows SimpleAR's Hugging Face path (wdrink/SimpleAR,
+generate.py with its CFG logits processor), per image: conditional logits → repetition penalty →
+log-softmax of both branches → uncond + s·(cond − uncond) → temperature → top-k → top-p → a draw.
+Two things differ, both on purpose:
 
 * Scores are computed for the image rows only (`model(..., vocab=(first_id, first_id + K))`), so
   a text token can never be sampled; SimpleAR samples over the whole vocabulary and clamps a
@@ -45,11 +46,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from cosmos_tokenizer import CosmosTokenizer, tensor_to_uint8
-from data import (NEGATIVE_PROMPT, encode_negative, encode_prompts, first_image_id, load_text_tokenizer,
-                  special_token_ids)
+from data import (NEGATIVE_PROMPT, encode_negative, encode_prompts, first_image_id,
+                  load_text_tokenizer, special_token_ids)
 from model import Transformer, resolve_dtype
 
-# The project's own small model (the nano recipe), used when no --ckpt/--vq is given: it runs on a CPU, offline.
+# The project's own small model (the nano recipe), the default: it runs on a CPU, offline.
 DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "nano")
 DEFAULT_VQ = os.path.join(DEFAULT_CKPT, "vq")
 
@@ -88,26 +89,30 @@ class Sampling:
 
     def __post_init__(self):
         def number(name, value):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            real = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not real or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
 
         number("guidance scale", self.guidance_scale)
         if not 0 <= self.guidance_scale <= self.MAX_GUIDANCE:
-            raise ValueError(f"guidance scale must be in [0, {self.MAX_GUIDANCE:g}], got {self.guidance_scale}")
+            raise ValueError(f"guidance scale must be in [0, {self.MAX_GUIDANCE:g}], "
+                             f"got {self.guidance_scale}")
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative prompt must be text, got {self.negative_prompt!r}")
         number("temperature", self.temperature)
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature} (use top-k 1 for greedy)")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or self.top_k < 1):
+            raise ValueError(f"temperature must be > 0, got {self.temperature} "
+                             "(use top-k 1 for greedy)")
+        k = self.top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"top-k must be an integer >= 1 (or None: off), got {self.top_k!r}")
         number("top-p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
         number("repetition penalty", self.repetition_penalty)
-        if not 1 / self.MAX_PENALTY <= self.repetition_penalty <= self.MAX_PENALTY:
-            raise ValueError(f"repetition penalty must be in [{1 / self.MAX_PENALTY:g}, {self.MAX_PENALTY:g}], "
+        low, high = 1 / self.MAX_PENALTY, self.MAX_PENALTY
+        if not low <= self.repetition_penalty <= high:
+            raise ValueError(f"repetition penalty must be in [{low:g}, {high:g}], "
                              f"got {self.repetition_penalty}")
 
     @property
@@ -135,8 +140,8 @@ class Sampling:
         if os.path.isfile(path):
             with open(path, encoding="utf-8-sig") as f:
                 gen = json.load(f)
-        keys = dict(guidance_scale="guidance_scale", negative_prompt="negative_prompt", top_k="image_top_k",
-                    repetition_penalty="repetition_penalty")
+        keys = dict(guidance_scale="guidance_scale", negative_prompt="negative_prompt",
+                    top_k="image_top_k", repetition_penalty="repetition_penalty")
         found = {field: gen.get(key) for field, key in keys.items()}
         if found["repetition_penalty"] is not None:
             found["repetition_penalty"] = float(found["repetition_penalty"])
@@ -162,7 +167,7 @@ def apply_repetition_penalty(logits, seen, penalty):
 
 
 def cfg_combine(cond, uncond, scale):
-    """SimpleAR's guidance in log-probability space: lu + s·(lc − lu), lc/lu = log_softmax(cond/uncond).
+    """SimpleAR's guidance in log-probabilities: lu + s·(lc − lu), lc/lu = log_softmax(cond/uncond).
 
     Normalising over the image rows instead of the whole vocabulary only shifts each branch's
     log-probs by a constant: the result is (1−s)·u + s·c − [(1−s)·lse(u) + s·lse(c)] and the
@@ -215,8 +220,8 @@ def draw(scores, u):
 
 
 def invert_cdf(weights, u):
-    """The first code whose cumulative weight exceeds u·total: weights [..., K] >= 0 (unnormalised),
-    u [...] in [0, 1) → LongTensor [...].
+    """The first code whose cumulative weight exceeds u·total: weights [..., K] >= 0
+    (unnormalised), u [...] in [0, 1) → LongTensor [...].
 
     A code of weight 0 is never drawn: where rounding puts u·total at the very top of the CDF, the
     last code of non-zero weight is taken.
@@ -236,9 +241,9 @@ def uniforms(seeds, n, device) -> torch.Tensor:
 
 
 def sample_codes(logits, seen, u, sampling: Sampling):
-    """The draw of one step from the logits of its rows: logits [R, K] float32 (R = 2N with guidance:
-    N conditional rows, then their N unconditional ones; R = N without), seen [N, K] bool, u [N]
-    → codes [N]."""
+    """The draw of one step from the logits of its rows: logits [R, K] float32 (R = 2N with
+    guidance: N conditional rows, then their N unconditional ones; R = N without), seen [N, K]
+    bool, u [N] → codes [N]."""
     n = u.shape[0]
     uncond = logits[n:] if sampling.guided else None
     return draw(guided_scores(logits[:n], uncond, seen, sampling), u)
@@ -283,7 +288,8 @@ def compiled_step(device):
     kind = torch.device(device).type
     if kind not in _compiled_steps:
         mode = "reduce-overhead" if kind == "cuda" else None
-        _compiled_steps[kind] = torch.compile(decode_one_token, fullgraph=True, dynamic=False, mode=mode)
+        step = torch.compile(decode_one_token, fullgraph=True, dynamic=False, mode=mode)
+        _compiled_steps[kind] = step
     return _compiled_steps[kind]
 
 
@@ -311,8 +317,8 @@ def decode_n_tokens(model, logits, col, u, sampling: Sampling, first_id, vocab, 
 
 
 @torch.no_grad()
-def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds, sampling=Sampling(),
-             compile=False, progress=True):
+def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
+             sampling=Sampling(), compile=False, progress=True):
     """Sample n_tokens image codes for each of len(prompts) images → LongTensor [N, n_tokens].
 
     prompts: one token-id list per image, already templated (data.py); repeats share a prefill.
@@ -345,13 +351,14 @@ def check_generation(model, prompts, negative, first_id, codebook_size, n_tokens
     if n_tokens < 1:
         raise ValueError(f"need at least one image token, got {n_tokens}")
     if first_id < 0 or first_id + codebook_size > model.args.vocab_size:
-        raise ValueError(f"image rows [{first_id}, {first_id + codebook_size}) exceed the vocabulary "
-                         f"({model.args.vocab_size})")
+        raise ValueError(f"image rows [{first_id}, {first_id + codebook_size}) exceed the "
+                         f"vocabulary ({model.args.vocab_size})")
     longest = max(map(len, list(prompts) + ([negative] if sampling.guided else [])))
     limit = model.args.max_position_embeddings
     if longest + n_tokens > limit:
-        raise ValueError(f"a prompt of {longest} tokens + {n_tokens} image tokens = {longest + n_tokens} "
-                         f"positions, more than the model's max_position_embeddings ({limit})")
+        raise ValueError(f"a prompt of {longest} tokens + {n_tokens} image tokens = "
+                         f"{longest + n_tokens} positions, more than the model's "
+                         f"max_position_embeddings ({limit})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -367,11 +374,13 @@ class Samples:
 
 
 def text_to_image(model, tokenizer, vq, prompts, size=1024, n=1, seed=0, sampling=Sampling(),
-                  batch_size=None, decode=True, compile=False, progress=True, jacobi=None) -> Samples:
+                  batch_size=None, decode=True, compile=False, progress=True,
+                  jacobi=None) -> Samples:
     """n images for each prompt string with SimpleAR's template; image j of a prompt uses seed + j.
 
-    vq: a CosmosTokenizer (or anything with codebook_size, spatial_compression and decode(codes [B, h, w]));
-    it fixes the codebook, so the LM's vocabulary must end with its codebook_size image rows.
+    vq: a CosmosTokenizer (or anything with codebook_size, spatial_compression and
+    decode(codes [B, h, w])); it fixes the codebook, so the LM's vocabulary must end with its
+    codebook_size image rows.
     batch_size: images per generate() call (default n: one prompt's images share its prefill).
     jacobi: a jacobi.Jacobi to decode with speculative Jacobi decoding (same distribution).
     Images are decoded one at a time, so that an image's pixels do not depend on its batch.
@@ -380,22 +389,24 @@ def text_to_image(model, tokenizer, vq, prompts, size=1024, n=1, seed=0, samplin
     batch_size = batch_size or n
     check_request(prompts, size, n, batch_size, vq.spatial_compression)
     first_id = first_image_id(model.args.vocab_size, vq.codebook_size, tokenizer.get_vocab_size())
-    special_token_ids(tokenizer)  # a tokenizer without <|t2i|>/<|soi|> would encode them as plain text
+    special_token_ids(tokenizer)  # without <|t2i|>/<|soi|> they would be encoded as plain text
     side = size // vq.spatial_compression
     ids = encode_prompts(tokenizer, prompts)
     jobs = [(ids[p], seed + j) for p in range(len(prompts)) for j in range(n)]
     negative = encode_negative(tokenizer, sampling.negative_prompt)
-    check_generation(model, ids, negative, first_id, vq.codebook_size, side * side, [0] * len(ids), sampling)
+    n_tokens = side * side
+    one_each = range(len(ids))  # the checks count one seed per prompt
+    check_generation(model, ids, negative, first_id, vq.codebook_size, n_tokens, one_each, sampling)
     codes, images, lm_s, dec_s = [], [], 0.0, 0.0
     stats = jacobi_py.Stats()
     for b in range(0, len(jobs), batch_size):
         chunk = jobs[b:b + batch_size]
-        args = (model, [p for p, _ in chunk], negative, first_id, vq.codebook_size, side * side, [s for _, s in chunk],
-                sampling)
+        prompt_ids, seeds = [p for p, _ in chunk], [s for _, s in chunk]
+        args = (model, prompt_ids, negative, first_id, vq.codebook_size, n_tokens, seeds, sampling)
         t0 = time.perf_counter()
         if jacobi is None:
             c = generate(*args, compile=compile, progress=progress)
-            stats.forwards += [side * side] * len(chunk)
+            stats.forwards += [n_tokens] * len(chunk)
         else:
             c = jacobi_py.generate(*args, jacobi, width=side, stats=stats, progress=progress)
         c = c.view(-1, side, side)
@@ -426,8 +437,8 @@ def check_request(prompts, size, n, batch_size, compression=16):
 # loading
 
 def resolve_dir(name, what, patterns):
-    """A local directory as is; a Hugging Face repo id ("owner/name") is downloaded when huggingface_hub is
-    installed. FileNotFoundError with what to do otherwise."""
+    """A local directory as is; a Hugging Face repo id ("owner/name") is downloaded when
+    huggingface_hub is installed. FileNotFoundError with what to do otherwise."""
     if os.path.isdir(name):
         return name
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
@@ -437,8 +448,8 @@ def resolve_dir(name, what, patterns):
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise FileNotFoundError(f"{what} {name} is not a local directory and huggingface_hub is not installed "
-                                f"(pip install huggingface_hub); or {how}") from None
+        raise FileNotFoundError(f"{what} {name} is not a local directory and huggingface_hub is "
+                                f"not installed (pip install huggingface_hub); or {how}") from None
     try:
         return snapshot_download(name, allow_patterns=patterns)
     except Exception as e:  # offline, unknown repo, gated, ...: the hub's errors are many
@@ -447,8 +458,8 @@ def resolve_dir(name, what, patterns):
 
 
 def load(ckpt, vq, device="cpu", dtype="auto", quantize=None, decoding=True):
-    """(model, tokenizer, visual tokenizer with its decoder only, checkpoint dir) from directories or
-    hub ids. dtype: a torch.dtype or a --dtype name ("auto": see model.resolve_dtype), for the LM
+    """(model, tokenizer, visual tokenizer with its decoder only, checkpoint dir) from directories
+    or hub ids. dtype: a torch.dtype or a --dtype name ("auto": see model.resolve_dtype), for the LM
     and the decoder alike (the Cosmos decoder runs 2x faster in bf16 where the LM does).
     decoding: ready the LM's weights for sampling (model.prepare_decoding: packed bf16 on CPU, or
     int8 with quantize="int8"); pass False for a model that will be trained."""
@@ -458,7 +469,8 @@ def load(ckpt, vq, device="cpu", dtype="auto", quantize=None, decoding=True):
     vq = resolve_dir(vq, "visual tokenizer", ["decoder.jit", "*.json", "model.safetensors"])
     tokenizer = load_text_tokenizer(ckpt)
     model = Transformer.from_pretrained(ckpt, dtype=dtype, device=device)
-    vq = CosmosTokenizer.from_pretrained(vq, dtype=dtype, device=device, encoder=False, decoder=True)
+    vq = CosmosTokenizer.from_pretrained(vq, dtype=dtype, device=device, encoder=False,
+                                         decoder=True)
     if decoding or quantize:
         first = first_image_id(model.args.vocab_size, vq.codebook_size, tokenizer.get_vocab_size())
         model.prepare_decoding((first, first + vq.codebook_size), quantize)
@@ -469,14 +481,15 @@ def load(ckpt, vq, device="cpu", dtype="auto", quantize=None, decoding=True):
 # command line
 
 def check_default_model(ckpt, vq):
-    """The shipped model's files, or a message naming the folder and the command that rebuilds it."""
+    """The shipped model's files, or an error naming the folder and the command that rebuilds it."""
     need = [(DEFAULT_CKPT, ("config.json", "model.safetensors", "tokenizer.json")),
             (DEFAULT_VQ, ("config.json", "model.safetensors"))]
     for (folder, files), given in zip(need, (ckpt, vq)):
         missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
         if given == folder and missing:
-            raise FileNotFoundError(f"the default model in {folder} lacks {', '.join(missing)}: rebuild it with "
-                                    "`bash recipes/nano.sh`, or pass --ckpt and --vq")
+            raise FileNotFoundError(f"the default model in {folder} lacks {', '.join(missing)}: "
+                                    "rebuild it with `bash recipes/nano.sh`, "
+                                    "or pass --ckpt and --vq")
 
 
 def slug(text, limit=60):
@@ -491,7 +504,8 @@ def write_atomic(path, save):
 
 
 def save_outputs(samples, prompts, seed, out, grid=False, save_codes=False):
-    """PNG per image ({slug}_s{seed}_{j}.png), optional grid.png (a row per prompt) and .npy code grids."""
+    """PNG per image ({slug}_s{seed}_{j}.png), optional grid.png (a row per prompt) and .npy code
+    grids."""
     os.makedirs(out, exist_ok=True)
     names, written = set(), []
     for p, prompt in enumerate(prompts):
@@ -508,7 +522,7 @@ def save_outputs(samples, prompts, seed, out, grid=False, save_codes=False):
                 write_atomic(path + ".npy", lambda tmp: np.save(tmp, codes))
             written.append(path + ".png")
     if grid:
-        rows = [np.concatenate(list(row), axis=1) for row in samples.images]  # [H, n*W, 3] per prompt
+        rows = [np.concatenate(list(row), axis=1) for row in samples.images]  # [H, n*W, 3] each
         img = Image.fromarray(np.concatenate(rows, axis=0))
         write_atomic(os.path.join(out, "grid.png"), img.save)
     return written
@@ -527,25 +541,29 @@ def read_prompts(args):
 def add_sampling_args(p):
     """The sampling flags every CLI shares (sample.py, eval.py, grpo.py). Unset ones (None) take the
     checkpoint's generation_config.json, then Sampling's defaults."""
-    g = p.add_argument_group("sampling (default: the checkpoint's generation_config.json, else SimpleAR's)")
+    g = p.add_argument_group("sampling (default: the checkpoint's generation_config.json, "
+                             "else SimpleAR's)")
     g.add_argument("--cfg", "--guidance-scale", dest="guidance_scale", type=float, default=None,
                    help=f"guidance scale s: uncond + s*(cond - uncond) in log-probs; 1 = off "
                    f"(default: guidance_scale, else {Sampling.guidance_scale})")
     g.add_argument("--negative-prompt", default=None,
-                   help="text of the unconditional branch (default: negative_prompt, else SimpleAR's)")
-    g.add_argument("--temperature", type=float, default=None, help=f"(default: {Sampling.temperature})")
+                   help="text of the unconditional branch (default: negative_prompt, "
+                   "else SimpleAR's)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help=f"(default: {Sampling.temperature})")
     g.add_argument("--top-k", type=int, default=None,
                    help="1 = greedy; >= codebook size = off (default: image_top_k, else off)")
     g.add_argument("--top-p", type=float, default=None, help=f"(default: {Sampling.top_p})")
-    g.add_argument("--repetition-penalty", type=float, default=None, help="on the conditional logits of "
-                   "codes already generated (default: repetition_penalty, 1.1 in SimpleAR's; else 1.0)")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="on the conditional logits of codes already generated "
+                   "(default: repetition_penalty, 1.1 in SimpleAR's; else 1.0)")
 
 
 def sampling_flags(args) -> dict:
     """The sampling flags that add_sampling_args parsed, validated as far as they go (ValueError):
     pass them to Sampling.from_checkpoint once the checkpoint is known."""
-    flags = {f: getattr(args, f) for f in ("guidance_scale", "negative_prompt", "temperature", "top_k", "top_p",
-                                             "repetition_penalty")}
+    names = [f.name for f in dataclasses.fields(Sampling)]
+    flags = {name: getattr(args, name) for name in names}
     Sampling().replace(**flags)  # a bad value fails here, before anything is loaded
     return flags
 
@@ -574,19 +592,22 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompt", action="append", help="a prompt; repeat for several")
     p.add_argument("--prompts-file", help="a text file, one prompt per line")
-    p.add_argument("--ckpt", default=DEFAULT_CKPT, help="SimpleAR checkpoint: HF-format directory or hub id "
+    p.add_argument("--ckpt", default=DEFAULT_CKPT,
+                   help="SimpleAR checkpoint: HF-format directory or hub id "
                    "(Daniel0724/SimpleAR-0.5B-RL, -0.5B-SFT, -1.5B-RL, -1.5B-SFT)")
     p.add_argument("--vq", default=DEFAULT_VQ, help="Cosmos tokenizer directory or hub id "
                    "(nvidia/Cosmos-1.0-Tokenizer-DV8x16x16)")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels, a multiple of the tokenizer's "
-                   "compression (default: the tokenizer's own resolution, 1024 for Cosmos DV8x16x16)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side in pixels, a multiple of the tokenizer's compression "
+                   "(default: the tokenizer's own resolution, 1024 for Cosmos DV8x16x16)")
     add_sampling_args(p)
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: --n)")
     p.add_argument("--out", default="samples", help="output directory")
     p.add_argument("--grid", action="store_true", help="also write grid.png (a row per prompt)")
-    p.add_argument("--save-codes", action="store_true", help="also write each code grid as .npy [h, w] int32")
+    p.add_argument("--save-codes", action="store_true",
+                   help="also write each code grid as .npy [h, w] int32")
     add_runtime_args(p)
     import jacobi  # jacobi.py builds on this file
     jacobi.add_args(p)

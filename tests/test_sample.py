@@ -277,7 +277,7 @@ def test_sampling_defaults_from_generation_config(ckpts, tmp_path):
     (["--prompt", "a cat", "--jacobi", "--window", "0"], "window must be an integer >= 1"),
     (["--prompt", "a cat", "--window", "8"], "--window applies to Jacobi decoding only"),
     (["--prompt", "a cat", "--no-coupling"], "--no-coupling applies to Jacobi decoding only"),
-    (["--prompt", "a cat", "--jacobi", "--compile"], "--compile compiles the one-token decode step"),
+    (["--prompt", "a cat", "--jacobi", "--compile"], "--compile compiles the one-token step"),
 ])
 def test_bad_input_exits_2_with_one_line(ckpts, capsys, args, match):
     with pytest.raises(SystemExit) as e:
