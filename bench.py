@@ -91,11 +91,11 @@ def bytes_per_step(model, vocab) -> int:
 def time_decode(model, prompt, negative, vocab, n, sampling, compile, device, seed=0):
     """Seconds of sample.decode_n_tokens (the shipped loop) for n tokens of one CFG pair, after
     sample.prefill."""
-    logits, col = sample.prefill(model, [prompt], negative, vocab, n, sampling, compile)
+    logits, ends = sample.prefill(model, [prompt], negative, vocab, n, sampling, compile)
     u = sample.uniforms([seed], n, device)
     sync(device)
     t0 = time.perf_counter()
-    sample.decode_n_tokens(model, logits, col, u, sampling, vocab[0], vocab, compile, progress=False)
+    sample.decode_n_tokens(model, logits, ends, u, sampling, vocab[0], vocab, compile, progress=False)
     sync(device)
     return time.perf_counter() - t0
 
@@ -257,13 +257,13 @@ def bench_sample(a):
 
         @torch.inference_mode()
         def steps(start, count):
-            """ms per step of decode_n_tokens for count steps from cache column `col + start`."""
-            logits, col = sample.prefill(model, [prompt], neg, vocab, n, s, a.compile)
+            """ms per step of decode_n_tokens for count steps from cache column `ends + start`."""
+            logits, ends = sample.prefill(model, [prompt], neg, vocab, n, s, a.compile)
             u = sample.uniforms([0], count + 1, a.device)
-            sample.decode_n_tokens(model, logits, col + start, u[:, :2], s, vocab[0], vocab, a.compile, False)
+            sample.decode_n_tokens(model, logits, ends + start, u[:, :2], s, vocab[0], vocab, a.compile, False)
             sync(a.device)
             t0 = time.perf_counter()
-            sample.decode_n_tokens(model, logits, col + start, u, s, vocab[0], vocab, a.compile, False)
+            sample.decode_n_tokens(model, logits, ends + start, u, s, vocab[0], vocab, a.compile, False)
             sync(a.device)
             return (time.perf_counter() - t0) / count
 

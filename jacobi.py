@@ -152,7 +152,8 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
     W = min(jacobi.window, n_tokens)
     width = width or max(1, round(n_tokens ** 0.5))
     vocab = (first_id, first_id + K)
-    logits, col = sample.prefill(model, prompts, negative, vocab, n_tokens + W, sampling)
+    logits, ends = sample.prefill(model, prompts, negative, vocab, n_tokens + W, sampling)
+    top = int(ends.max())
     branches = logits.shape[0] // N
     # image i's uniforms, 5W per forward: W-1 acceptances, W-1 residual draws, 1 last draw,
     # W-1 keeps and W-1 draws of the tail, W-1 initial drafts
@@ -187,10 +188,10 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
         q = torch.where(fresh[..., None], F.one_hot(drafts, K).to(q.dtype), q)
         # the window: the last committed code, then the drafts, at each image's own cache columns
         tokens = torch.cat([codes.gather(1, (n - 1)[:, None]), drafts], dim=1)
-        cols = col + n[:, None] - 1 + slots  # [N, W]
-        kv_len = int(col + n.max()) + W - 1
-        out = model(first_id + tokens.repeat(branches, 1), input_pos=cols.repeat(branches, 1),
-                    vocab=vocab, kv_len=kv_len)  # [R, W, K]
+        cols = ends[:, None] + (n[:, None] - 1 + slots).repeat(branches, 1)  # [R, W]
+        kv_len = top + int(n.max()) + W - 1  # the second host sync
+        out = model(first_id + tokens.repeat(branches, 1), input_pos=cols, vocab=vocab,
+                    kv_len=kv_len)  # [R, W, K]
         uncond = out[N:] if sampling.guided else None
         assumed = window_seen(seen, drafts, sampling)
         p = torch.softmax(guided_scores(out[:N], uncond, assumed, sampling), dim=-1)  # [N, W, K]

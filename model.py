@@ -17,9 +17,11 @@ that loads and saves Hugging Face checkpoints, plus two things generation needs:
 * inference kernels for the hardware: `resolve_dtype` picks bf16 where it is native, and
   `prepare_decoding` packs bf16 weights for oneDNN on CPU or quantizes them to int8.
 
-Prompts of different lengths share a batch by left padding: row b's tokens start at cache
-column `cache.start[b]`, its RoPE position is `column - start[b]` and columns left of `start[b]`
-are masked out. A row therefore computes exactly what it would compute alone.
+Every row starts at cache column 0 and a token's RoPE position is its column, so prompts of
+different lengths share a batch by right padding, and each row then advances at its own columns.
+Attention spans a multiple of KV_GRAIN columns: a row's keys always sit at the same columns, and
+the columns past its own are masked, so its results do not depend on its batch in any dtype (the
+kernels' reductions group keys by column, not by how many other rows happen to hold).
 """
 import json
 import os
@@ -258,6 +260,7 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+KV_GRAIN = 64  # attention lengths and cache sizes are multiples of this (see the docstring)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -306,10 +309,9 @@ def pack_weights(model: nn.Module):
 
 
 class KVCache(nn.Module):
-    """Keys and values of every layer in one buffer [n_layers, 2, B, n_kv_heads, S, head_dim].
-
-    `start[b]` is the first cache column row b uses (left padding). Rows are independent, so a
-    prefilled row can be copied into others (a CFG pair, a GRPO group) instead of recomputed.
+    """Keys and values of every layer in one buffer [n_layers, 2, B, n_kv_heads, S, head_dim],
+    S a multiple of KV_GRAIN. Rows are independent, so a prefilled row can be copied into others
+    (a CFG pair, a GRPO group) instead of recomputed.
     """
 
     def __init__(self, a: ModelArgs, batch_size: int, max_seq_len: int, dtype, device):
@@ -317,15 +319,12 @@ class KVCache(nn.Module):
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         shape = (a.n_layers, 2, batch_size, a.n_kv_heads, max_seq_len, a.head_dim)
         self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        start = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.register_buffer("start", start, persistent=False)
 
     def copy_rows(self, src, dst):
         """Row dst[i] becomes a copy of row src[i] (all columns, all layers)."""
         src = torch.as_tensor(src, device=self.kv.device)
         dst = torch.as_tensor(dst, device=self.kv.device)
         self.kv[:, :, dst] = self.kv[:, :, src]
-        self.start[dst] = self.start[src]
 
 
 class Transformer(nn.Module):
@@ -356,9 +355,10 @@ class Transformer(nn.Module):
         Without input_pos: an uncached causal forward over positions 0..T-1 (training, references).
         With input_pos, the cache columns of the tokens: [T] for every row, or [B, T] for row b's
         own columns, so rows can hold different numbers of tokens. Each token is written to
-        `self.cache` at its column and sees the columns <= its own from its row's start on, so
+        `self.cache` at its column and sees the columns <= its own, so
         rolling back is writing at earlier columns. kv_len limits attention to the first kv_len
-        cache columns (an eager speed-up; under torch.compile leave it None: static shapes).
+        cache columns, rounded up to a multiple of KV_GRAIN (an eager speed-up; under
+        torch.compile leave it None: static shapes).
         """
         h = self.hidden(tokens, input_pos, kv_len)
         if last_only:
@@ -383,16 +383,14 @@ class Transformer(nn.Module):
         else:
             if self.cache is None:
                 raise ValueError("input_pos given but no cache: call setup_cache() first")
-            kv_len = kv_len or self.cache.max_seq_len
+            S = self.cache.max_seq_len
+            kv_len = S if kv_len is None else min(S, -(-kv_len // KV_GRAIN) * KV_GRAIN)
             cols = input_pos.expand(B, T)  # [T] or [B, T] -> [B, T]
-            start = self.cache.start[:B, None]
             key = torch.arange(kv_len, device=tokens.device)
-            q = cols[:, None, :, None]  # [B, 1, T, 1] against keys [kv_len]
-            # a left-padding query sees only itself: no row is all -inf (NaN), padding never leaks
-            mask = ((key <= q) & (key >= start[:, :, None, None])) | (key == q)
+            mask = key <= cols[:, None, :, None]  # [B, 1, T, kv_len]: causal by column
             rep = self.args.n_heads // self.args.n_kv_heads
             mask = mask.repeat(1, 1, rep, 1)  # as Attention folds grouped query heads
-            pos = (cols - start).clamp(min=0)
+            pos = cols
         cos, sin = rope_cos_sin(pos, self.args.head_dim, self.args.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
             kv = None if input_pos is None else self.cache.kv[i]
@@ -406,8 +404,10 @@ class Transformer(nn.Module):
     # cache
 
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> KVCache:
-        """A zeroed cache of batch_size rows and max_seq_len columns; the current one is reused when
-        it has the same size (a compiled decode step then sees the same buffers)."""
+        """A zeroed cache of batch_size rows and at least max_seq_len columns (rounded up to
+        KV_GRAIN); the current one is reused when it has the same size (a compiled decode step then
+        sees the same buffers)."""
+        max_seq_len = -(-max_seq_len // KV_GRAIN) * KV_GRAIN
         p = self.embed_tokens.weight
         dtype = dtype or p.dtype
         device = device or p.device
@@ -417,12 +417,13 @@ class Transformer(nn.Module):
             self.cache = KVCache(self.args, batch_size, max_seq_len, dtype, device)
         else:
             c.kv.zero_()
-            c.start.zero_()
         return self.cache
 
     def prefill(self, prompts: list[list[int]], vocab=None):
-        """Left-pads the prompts into cache rows 0..len-1 and runs them; returns the last logits
-        [len(prompts), V] and the next free column. ValueError when they do not fit the cache."""
+        """Runs the prompts in cache rows 0..len-1, each from column 0 (right-padded): returns the
+        logits after each prompt's last token [len(prompts), V] and each row's next free column,
+        its prompt's length (LongTensor [len(prompts)]). ValueError when they do not fit the cache;
+        RuntimeError under autograd (the cache is written in place)."""
         T = max(len(p) for p in prompts)
         if self.cache is None or len(prompts) > self.cache.batch_size or T > self.cache.max_seq_len:
             raise ValueError("prefill does not fit the cache: call setup_cache() with enough rows "
@@ -432,11 +433,11 @@ class Transformer(nn.Module):
         device = self.cache.kv.device
         tokens = torch.zeros(len(prompts), T, dtype=torch.long, device=device)
         for b, p in enumerate(prompts):
-            tokens[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
-            self.cache.start[b] = T - len(p)
-        pos = torch.arange(T, device=device)
-        logits = self(tokens, input_pos=pos, vocab=vocab, kv_len=T, last_only=True)
-        return logits[:, 0], T
+            tokens[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+        ends = torch.tensor([len(p) for p in prompts], device=device)
+        h = self.hidden(tokens, input_pos=torch.arange(T, device=device), kv_len=T)
+        last = h[torch.arange(len(prompts), device=device), ends - 1]  # [B, dim]
+        return self.logits(last, vocab), ends
 
     # ----------------------------------------------------------------------------------------
     # inference kernels

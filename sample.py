@@ -253,11 +253,11 @@ def sample_codes(logits, seen, u, sampling: Sampling):
 # prefill, the decode step, the loop
 
 def prefill(model, prompts, negative, vocab, n_tokens, sampling: Sampling, compile=False):
-    """Sets up the cache and runs the prompts: float32 logits [R, K] of the image rows and the first
-    free cache column. Rows are [prompts..., negative × N] with guidance, [prompts...] without;
-    each distinct prompt (and the negative prompt) is run once and copied into its rows.
-    compile: the cache length is rounded up to a multiple of 256, so that prompts of other lengths
-    reuse the compiled decode step."""
+    """Sets up the cache and runs the prompts: float32 logits [R, K] of the image rows and each
+    row's first free cache column, LongTensor [R]. Rows are [prompts..., negative × N] with
+    guidance, [prompts...] without; each distinct prompt (and the negative prompt) is run once and
+    copied into its rows. compile: the cache length is rounded up to a multiple of 256, so that
+    prompts of other lengths reuse the compiled decode step."""
     n = len(prompts)
     unique = list(dict.fromkeys(map(tuple, prompts)))
     runs = [list(p) for p in unique] + ([list(negative)] if sampling.guided else [])
@@ -267,13 +267,13 @@ def prefill(model, prompts, negative, vocab, n_tokens, sampling: Sampling, compi
     if compile:
         S = -(-S // 256) * 256
     model.setup_cache(len(rows), S)
-    logits, col = model.prefill(runs, vocab=vocab)
+    logits, ends = model.prefill(runs, vocab=vocab)
     model.cache.copy_rows(rows, list(range(len(rows))))
-    return logits[rows], col
+    return logits[rows], ends[rows]
 
 
 def decode_one_token(model, tokens, input_pos, seen, u, sampling: Sampling, vocab, kv_len=None):
-    """One decode step: the forward of tokens [R, 1] at cache columns input_pos ([1] or [R, 1]),
+    """One decode step: the forward of tokens [R, 1] at cache columns input_pos [R, 1],
     then guidance, filtering and the draw → codes [N]. Compiled once under --compile."""
     logits = model(tokens, input_pos=input_pos, vocab=vocab, kv_len=kv_len)[:, -1]
     return sample_codes(logits, seen, u, sampling)
@@ -293,10 +293,11 @@ def compiled_step(device):
     return _compiled_steps[kind]
 
 
-def decode_n_tokens(model, logits, col, u, sampling: Sampling, first_id, vocab, compile=False,
+def decode_n_tokens(model, logits, ends, u, sampling: Sampling, first_id, vocab, compile=False,
                     progress=True):
     """The loop: codes [N, n] from the prefill's logits [R, K] (R rows, as `prefill` lays them
-    out), its first free column col and the uniforms u [N, n] (n = tokens per image)."""
+    out), the rows' first free columns ends [R] and the uniforms u [N, n] (n = tokens per
+    image)."""
     n_images, n_tokens = u.shape
     device = logits.device
     seen = torch.zeros(n_images, vocab[1] - vocab[0], dtype=torch.bool, device=device)
@@ -305,12 +306,13 @@ def decode_n_tokens(model, logits, col, u, sampling: Sampling, first_id, vocab, 
     step = compiled_step(device) if compile else decode_one_token
     codes = torch.empty(n_images, n_tokens, dtype=torch.long, device=device)
     codes[:, 0] = sample_codes(logits, seen, u[:, 0], sampling)
-    input_pos = torch.tensor([col], device=device)
+    input_pos = ends[:, None].clone()  # [R, 1]: each row writes at its own column
+    top = int(ends.max())
     for t in tqdm(range(1, n_tokens), desc="tokens", disable=not progress, leave=False):
         seen[rows, codes[:, t - 1]] = True
         # the sampled code goes to its conditional row and to its unconditional row
         tokens = (first_id + codes[:, t - 1]).repeat(branches)[:, None]
-        kv_len = None if compile else col + t
+        kv_len = None if compile else top + t
         codes[:, t] = step(model, tokens, input_pos, seen, u[:, t], sampling, vocab, kv_len)
         input_pos += 1
     return codes
@@ -333,9 +335,9 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
     check_generation(model, prompts, negative, first_id, codebook_size, n_tokens, seeds, sampling)
     device = model.embed_tokens.weight.device
     vocab = (first_id, first_id + codebook_size)
-    logits, col = prefill(model, prompts, negative, vocab, n_tokens, sampling, compile)
+    logits, ends = prefill(model, prompts, negative, vocab, n_tokens, sampling, compile)
     u = uniforms(seeds, n_tokens, device)
-    codes = decode_n_tokens(model, logits, col, u, sampling, first_id, vocab, compile, progress)
+    codes = decode_n_tokens(model, logits, ends, u, sampling, first_id, vocab, compile, progress)
     if not compile:
         model.cache = None  # frees the buffer; a compiled step keeps it, to run on the same one
     return codes

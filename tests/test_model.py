@@ -109,12 +109,13 @@ def test_prefill_and_decode_equal_uncached(tiny):
     prompts = [[5, 9, 100, 7, 3], [8, 1, 2], [4, 4, 4, 4, 4, 4, 4]]
     gen = torch.randint(0, tiny.args.vocab_size, (3, 6))
     tiny.setup_cache(3, 64)
-    last, col = tiny.prefill(prompts)
+    last, ends = tiny.prefill(prompts)
+    assert ends.tolist() == [5, 3, 7]
     for b, p in enumerate(prompts):  # each row alone, uncached, no padding
         alone = tiny(torch.tensor([p]))
         assert (last[b] - alone[0, -1]).abs().max() < 1e-4
     for t in range(gen.shape[1]):
-        step = tiny(gen[:, t:t + 1], input_pos=torch.tensor([col + t]))
+        step = tiny(gen[:, t:t + 1], input_pos=ends[:, None] + t)
         for b, p in enumerate(prompts):
             full = tiny(torch.tensor([p + gen[b, :t + 1].tolist()]))
             assert (step[b, 0] - full[0, -1]).abs().max() < 1e-4
@@ -124,7 +125,8 @@ def test_prefill_and_decode_equal_uncached(tiny):
 def test_window_decode_and_rollback(tiny):
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     tiny.setup_cache(1, 64)
-    _, col = tiny.prefill([prompt])
+    _, ends = tiny.prefill([prompt])
+    col = int(ends[0])
     draft = torch.randint(0, tiny.args.vocab_size, (1, 5))
     win = tiny(draft, input_pos=torch.arange(col, col + 5), kv_len=col + 5)
     full = tiny(torch.tensor([prompt + draft[0].tolist()]))
@@ -140,11 +142,12 @@ def test_window_decode_and_rollback(tiny):
 def test_copy_rows_and_vocab_slice(tiny):
     tiny.setup_cache(6, 32)
     cond, uncond = [7, 8, 9, 10], [11, 12]
-    _, col = tiny.prefill([cond, uncond])
+    _, ends = tiny.prefill([cond, uncond])
     tiny.cache.copy_rows([0, 0, 1, 1], [2, 4, 3, 5])  # rows 0,2,4 = cond; 1,3,5 = uncond
+    col = ends[[0, 1, 0, 1, 0, 1]][:, None]
     nxt = torch.randint(0, tiny.args.vocab_size, (6, 1))
     lo, hi = FIRST_IMAGE, tiny.args.vocab_size
-    sliced = tiny(nxt, input_pos=torch.tensor([col]), vocab=(lo, hi))
+    sliced = tiny(nxt, input_pos=col, vocab=(lo, hi))
     assert sliced.shape == (6, 1, hi - lo)
     for b in range(6):
         p = cond if b % 2 == 0 else uncond
@@ -161,8 +164,8 @@ def test_per_row_positions_windows_and_rollback(tiny):
     prompts = [[5, 9, 100, 7, 3], [8, 1, 2], [4, 4, 4, 4, 4, 4, 4]]
     seqs = [list(p) for p in prompts]  # what each row holds, as an uncached reference sees it
     tiny.setup_cache(3, 64)
-    _, col = tiny.prefill(prompts)
-    ends = [col] * 3  # the next free column of each row
+    _, ends = tiny.prefill(prompts)
+    ends = ends.tolist()  # the next free column of each row
     # windows of 4; row b keeps keep[b] of them (0 = all rolled back) and writes the next window
     # over the rest, at earlier columns
     for keep in ([4, 1, 0], [2, 4, 3], [0, 0, 4], [3, 2, 1]):
@@ -189,14 +192,14 @@ def test_per_row_positions_windows_and_rollback(tiny):
 def test_compiled_decode_does_not_recompile(tiny):
     torch._dynamo.reset()
     tiny.setup_cache(2, 32)
-    _, col = tiny.prefill([[1, 2, 3], [4, 5]])
+    _, ends = tiny.prefill([[1, 2, 3], [4, 5]])
     step = torch.compile(tiny, dynamic=False)
     eager_logits = []
     tok = torch.tensor([[9], [9]])
     counter = torch._dynamo.utils.counters
     counter.clear()
     for t in range(4):
-        out = step(tok, input_pos=torch.tensor([col + t]), vocab=(FIRST_IMAGE, tiny.args.vocab_size))
+        out = step(tok, input_pos=ends[:, None] + t, vocab=(FIRST_IMAGE, tiny.args.vocab_size))
         eager_logits.append(out)
     frames = counter["stats"]["unique_graphs"]
     assert frames == 1, f"compiled {frames} graphs for 4 decode steps"
@@ -204,7 +207,7 @@ def test_compiled_decode_does_not_recompile(tiny):
     tiny.setup_cache(2, 32)
     tiny.prefill([[1, 2, 3], [4, 5]])
     for t in range(4):
-        out = tiny(tok, input_pos=torch.tensor([col + t]), vocab=(FIRST_IMAGE, tiny.args.vocab_size))
+        out = tiny(tok, input_pos=ends[:, None] + t, vocab=(FIRST_IMAGE, tiny.args.vocab_size))
         assert (out - eager_logits[t]).abs().max() < 1e-4
 
 
