@@ -145,9 +145,7 @@ def transformers_decode(model, dtype, prompt, negative, n, scale, device, repeat
         return time.perf_counter() - t0
 
     run()  # warm-up
-    t = statistics.median(run() for _ in range(repeat))
-    del hf
-    return t
+    return statistics.median(run() for _ in range(repeat))
 
 
 def decode_rows(a, margs, configs):
@@ -470,8 +468,6 @@ def bench_cosmos(args):
 def bench_int8(a):
     """int8 weight-only quality against bf16 and fp32: max |logit difference| at the SimpleAR-0.5B shape
     (random weights, a prefill), and greedy codes of the shipped model, 256 tokens per dtype."""
-    from data import encode_negative, encode_prompts
-
     torch.manual_seed(0)
     low = model_py.resolve_dtype("auto", "cpu")[0]
     margs = ModelArgs.from_name("simplear-0.5b")
@@ -566,15 +562,13 @@ def bench_jacobi(a):
           f"{str(model.embed_tokens.weight.dtype).removeprefix('torch.')}; wall time per image, median of {a.repeat}; "
           f"{machine()}")
 
-    def run(s, j, stats=None):
+    def run(s, j):
         times = []
         for _ in range(a.repeat):
             t0 = time.perf_counter()
             out = sample.text_to_image(model, tok, vq, prompts, vq.config.resolution, a.n, 0, s, batch_size=a.batch,
                                        decode=False, progress=False, jacobi=j)
             times.append(time.perf_counter() - t0)
-        if stats is not None:
-            stats.forwards += out.forwards
         return statistics.median(times) / (len(prompts) * a.n), float(np.mean(out.forwards))
 
     hist, compression = {}, {}

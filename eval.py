@@ -23,14 +23,13 @@ Unlike GenEval, every nano caption names its colours (data.py's canonical captio
 them: single_object and colors hold the same kind of prompt ("a red circle"), the first taking turns over the
 shapes, the second over the colours.
 """
-import argparse
 import dataclasses
 import json
 import os
 import re
-import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ from PIL import Image, ImageDraw
 
 import jacobi
 import sample
+from cli import Parser, run_main, write_atomic
 from cosmos_tokenizer import CosmosTokenizer, pil_to_tensor, tensor_to_uint8
 from data import (BACKGROUND, CATEGORIES, NUMBERS, PALETTE, RELATIONS, SHAPES, ShapesDataset, relations, render_shapes,
                   sample_scene)
@@ -229,8 +229,9 @@ def run_geneval(ckpt, vq, out_dir, n=4, size=None, seed=0, prompts=None, batch_s
     (None) ones take the checkpoint's generation_config.json, then Sampling's defaults. jacobi: a
     jacobi.Jacobi to decode with (same distribution, fewer forwards)."""
     prompts = prompt_set() if prompts is None else prompts
-    model, tokenizer, vq_model, ckpt_dir = sample.load(ckpt, vq, device, dtype, quantize)
-    settings = sample.Sampling.from_checkpoint(ckpt_dir, **sampling)
+    ckpt_dir = sample.resolve_dir(ckpt, "checkpoint", sample.CKPT_FILES)
+    settings = sample.Sampling.from_checkpoint(ckpt_dir, **sampling)  # before the weights load
+    model, tokenizer, vq_model, ckpt_dir = sample.load(ckpt_dir, vq, device, dtype, quantize)
     size = size or vq_model.config.resolution
     t0 = time.perf_counter()
     samples = sample.text_to_image(model, tokenizer, vq_model, [p["caption"] for p in prompts], size, n, seed,
@@ -264,14 +265,11 @@ def grid(result, images, label_width=200, border=3) -> Image.Image:
 
 
 def save_results(result, images, out_dir):
-    """results.json and grid.png, each written to a temporary name and renamed: a reader never sees half a file."""
+    """results.json and grid.png, each written to a temporary name and renamed (cli.write_atomic)."""
     os.makedirs(out_dir, exist_ok=True)
-    for name, save in (("results.json", lambda f: f.write(json.dumps(result, indent=1).encode())),
-                       ("grid.png", lambda f: grid(result, images).save(f, format="PNG"))):
-        path = os.path.join(out_dir, name)
-        with open(f"{path}.tmp{os.getpid()}", "wb") as f:
-            save(f)
-        os.replace(f"{path}.tmp{os.getpid()}", path)
+    text = json.dumps(result, indent=1)
+    write_atomic(os.path.join(out_dir, "results.json"), lambda tmp: Path(tmp).write_text(text))
+    write_atomic(os.path.join(out_dir, "grid.png"), grid(result, images).save)
 
 
 def table(result) -> str:
@@ -283,14 +281,8 @@ def table(result) -> str:
 
 
 # ----------------------------------------------------------------------------------------- CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like every CLI error of the project
-        print(f"eval.py: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def main(argv=None):
-    p = _Parser(description="GenEval-nano: per-category accuracy of a model on the shapes world.")
+    p = Parser(prog="eval.py", description="GenEval-nano: per-category accuracy of a model on the shapes world.")
     p.add_argument("--ckpt", default=sample.DEFAULT_CKPT, help="LM checkpoint directory (default: sample.py's)")
     p.add_argument("--vq", default=sample.DEFAULT_VQ, help="visual tokenizer directory (default: sample.py's)")
     p.add_argument("--out", default="out/geneval", help="directory for results.json and grid.png")
@@ -310,35 +302,40 @@ def main(argv=None):
                    help="score N held-out dataset scenes after a round trip through --vq (no LM): the tokenizer's "
                    "ceiling")
     args = p.parse_args(argv)
-    try:
-        if args.reconstruct < 0 or (args.reconstruct and args.ground_truth):
-            raise ValueError(f"--reconstruct {args.reconstruct}: a positive number of scenes, without --ground-truth")
-        if min(args.prompts_per_category, args.n, 1 if args.size is None else args.size) < 1:
-            raise ValueError(f"--prompts-per-category ({args.prompts_per_category}), --n ({args.n}) and --size "
-                             f"({args.size}) must be >= 1")
-        prompts = prompt_set(args.prompts_per_category, args.categories)
-        if args.reconstruct:
-            prompts, images = reconstructions(args.vq, args.reconstruct, args.size, batch_size=args.batch_size,
-                                              device=args.device)
-            result = dict(evaluate(prompts, images), settings=dict(reconstruct=args.reconstruct, vq=args.vq,
-                                                                   size=images[0][0].shape[0]))
-            save_results(result, images, args.out)
-        elif args.ground_truth:
-            images = ground_truth(prompts, args.size or 256)
-            result = dict(evaluate(prompts, images), settings=dict(ground_truth=True, size=args.size or 256))
-            save_results(result, images, args.out)
-        else:
-            flags = sample.sampling_flags(args)
-            speculative = jacobi.from_args(args)
-            dtype = sample.runtime_dtype(args, "eval.py")
-            result = run_geneval(args.ckpt, args.vq, args.out, args.n, args.size, args.seed, prompts, args.batch_size,
-                                 args.device, dtype=dtype, quantize=args.quantize, compile=args.compile,
-                                 jacobi=speculative, **flags)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"eval.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        raise SystemExit(2)
+    result = run_main("eval.py", run, args)
     print(table(result))
     print(f"wrote {os.path.join(args.out, 'results.json')} and {os.path.join(args.out, 'grid.png')}")
+
+
+def run(args) -> dict:
+    """The CLI's work: ValueError / FileNotFoundError for bad input, before any."""
+    if args.reconstruct < 0 or (args.reconstruct and args.ground_truth):
+        raise ValueError(f"--reconstruct {args.reconstruct}: a positive number of scenes, without --ground-truth")
+    if min(args.prompts_per_category, args.n, args.batch_size, 1 if args.size is None else args.size) < 1:
+        raise ValueError(f"--prompts-per-category ({args.prompts_per_category}), --n ({args.n}), --batch-size "
+                         f"({args.batch_size}) and --size ({args.size}) must be >= 1")
+    if not 0 <= args.seed <= 2 ** 63 - args.n:
+        raise ValueError(f"seed must be in [0, 2^63 - n], got {args.seed}")
+    prompts = prompt_set(args.prompts_per_category, args.categories)
+    if args.reconstruct:
+        prompts, images = reconstructions(args.vq, args.reconstruct, args.size, batch_size=args.batch_size,
+                                          device=args.device)
+        result = dict(evaluate(prompts, images), settings=dict(reconstruct=args.reconstruct, vq=args.vq,
+                                                               size=images[0][0].shape[0]))
+        save_results(result, images, args.out)
+    elif args.ground_truth:
+        images = ground_truth(prompts, args.size or 256)
+        result = dict(evaluate(prompts, images), settings=dict(ground_truth=True, size=args.size or 256))
+        save_results(result, images, args.out)
+    else:
+        flags = sample.sampling_flags(args)
+        speculative = jacobi.from_args(args)
+        dtype = sample.runtime_dtype(args, "eval.py")
+        sample.prepare_out(args.out)
+        result = run_geneval(args.ckpt, args.vq, args.out, args.n, args.size, args.seed, prompts, args.batch_size,
+                             args.device, dtype=dtype, quantize=args.quantize, compile=args.compile,
+                             jacobi=speculative, **flags)
+    return result
 
 
 if __name__ == "__main__":

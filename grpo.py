@@ -11,7 +11,8 @@ One step (DeepSeekMath's GRPO as TRL ran it for SimpleAR, sjd_grpo.md B.2-B.3):
   1. draw --prompts captions; sample --group images of each with sample.py, at the checkpoint's own sampling
      settings (guidance and top-k included: the sampler people use is the one we improve; T2I-R1 does the same),
      on a copy of the float32 policy in the dtype --dtype picks (bf16 where the hardware computes it natively,
-     as vLLM rollouts are), with --jacobi if asked (the same distribution, fewer forwards);
+     as vLLM rollouts are: off-policy by that rounding only), with --jacobi if asked (the same
+     distribution, fewer forwards);
   2. score each image; advantage = (reward - mean of its group) / (std of its group + 1e-4);
   3. one gradient step on  mean over image tokens of  -A * exp(logp - sg(logp)) + beta * k3(ref, logp).
      There is one update per rollout (TRL's mu = 1): the ratio is exactly 1, so PPO's clipping never acts and only
@@ -34,7 +35,6 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -45,18 +45,13 @@ import data
 import eval as geneval
 import jacobi
 import sample
+from cli import Parser, run_main
 import train
 from model import Transformer
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, like every CLI error of the project
-        print(f"grpo.py: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def get_parser():
-    p = Parser(description="GRPO of a SimpleAR checkpoint with the GenEval-nano reward",
+    p = Parser(prog="grpo.py", description="GRPO of a SimpleAR checkpoint with the GenEval-nano reward",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default=sample.DEFAULT_CKPT, help="starting LM checkpoint (and the KL reference)")
     p.add_argument("--vq", default=sample.DEFAULT_VQ, help="visual tokenizer that decodes the rollouts for the reward")
@@ -189,6 +184,14 @@ def run(args):
     roller = copy.deepcopy(model).to(dtype).eval() if dtype != torch.float32 else model
     vq = vq.to(dtype)
     exclude = frozenset(p["caption"] for p in geneval.prompt_set())
+    # the rollouts' request, checked before anything is written: the size, the positions
+    sample.check_request(["x"], size, args.group, args.prompts * args.group, 0, vq.spatial_compression)
+    first = draw_captions(np.random.default_rng([args.seed, 0]), args.prompts, args.categories, exclude)
+    ids = data.encode_prompts(tok, [caption for _, caption in first])
+    negative = data.encode_negative(tok, settings.negative_prompt)
+    side = size // vq.spatial_compression
+    counts = range(len(ids))  # one seed per image, for the checks
+    sample.check_generation(model, ids, negative, first_id, vq.codebook_size, side * side, counts, settings)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
     step = 0
@@ -243,12 +246,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"grpo.py: {' '.join(str(e).split())}", file=sys.stderr)
-        raise SystemExit(2)
+    run_main("grpo.py", run, get_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

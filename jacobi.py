@@ -175,7 +175,7 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
     bar = tqdm(total=N * n_tokens, initial=N, desc="tokens", disable=not progress, leave=False)
     while True:
         active = n < n_tokens
-        if not bool(active.any()):  # the loop's one host sync per forward
+        if not bool(active.any()):  # host syncs: this, kv_len below, the stats
             break
         u = stream.gather(1, (forwards[:, None] - 1) * per + roles)
         u_accept, u_residual = u[:, :W - 1], u[:, W - 1:2 * W - 2]
@@ -189,7 +189,7 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
         # the window: the last committed code, then the drafts, at each image's own cache columns
         tokens = torch.cat([codes.gather(1, (n - 1)[:, None]), drafts], dim=1)
         cols = ends[:, None] + (n[:, None] - 1 + slots).repeat(branches, 1)  # [R, W]
-        kv_len = top + int(n.max()) + W - 1  # the second host sync
+        kv_len = top + int(n.max()) + W - 1  # the furthest row's last column, for eager attention
         out = model(first_id + tokens.repeat(branches, 1), input_pos=cols, vocab=vocab,
                     kv_len=kv_len)  # [R, W, K]
         uncond = out[N:] if sampling.guided else None
@@ -248,8 +248,10 @@ def window_seen(seen, drafts, sampling):
 def initial_drafts(codes, drafts, n, known, width, init, u, k):
     """Initial drafts of the window's positions n + s (s >= known[i] for image i): a uniform random
     code, or the code at the position above (raster index - width) or to the left, as it stands: a
-    committed code, or a draft that is not itself a guess. Above falls back to the left in the first
-    row, and from a guess to the row above it. codes [N, *], drafts [N, S], u [N, S] → [N, S]."""
+    committed code, or a draft that is not itself a guess. "left" gives every new position the last
+    code that is not a guess (SJD's repeat horizon); "above" climbs rows until it leaves the
+    guesses, and takes that last code where it would leave the image. codes [N, *], drafts [N, S],
+    u [N, S] → [N, S]."""
     if init == "random":
         return (u * k).long().clamp(max=k - 1)
     S = drafts.shape[1]

@@ -25,7 +25,7 @@ kernels' reductions group keys by column, not by how many other rows happen to h
 """
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -366,7 +366,8 @@ class Transformer(nn.Module):
         return self.logits(h, vocab)
 
     def logits(self, h, vocab=None):
-        """Head over vocabulary rows [lo, hi) only: a view of the weight, no copy."""
+        """Head over vocabulary rows [lo, hi) only: float32 logits [..., hi - lo]. Uses the head
+        prepare_decoding built for those rows (inference only), else a view of the weight."""
         lo, hi = vocab or (0, self.args.vocab_size)
         head = self.decode_head
         if head is not None and head[:2] == (lo, hi) and not torch.is_grad_enabled():
@@ -447,7 +448,9 @@ class Transformer(nn.Module):
         """Readies the weights for fast inference (not training): int8 weights when quantize ==
         "int8" (every linear layer and the head rows; the embedding stays), and oneDNN-packed bf16
         weights on CPU. The head over rows [lo, hi) becomes its own module, so that a tied head
-        is packed or quantized for the rows that are sampled only. Returns self."""
+        is packed or quantized for the rows that are sampled only. Memory: packing keeps the
+        weights too (autograd and saving use them), so bf16 linear weights take twice their size;
+        int8 replaces them. Returns self."""
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         lo, hi = vocab

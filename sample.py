@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 
@@ -45,6 +44,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from cli import Parser, run_main, warn, write_atomic
 from cosmos_tokenizer import CosmosTokenizer, tensor_to_uint8
 from data import (NEGATIVE_PROMPT, encode_negative, encode_prompts, first_image_id,
                   load_text_tokenizer, special_token_ids)
@@ -133,21 +133,24 @@ class Sampling:
         guidance_scale (transformers' name) and negative_prompt (ours): a model trained from scratch
         may want its own, e.g. the nano model, which saw only the dropped caption as its
         unconditional input. image_top_k (ours), not top_k: Qwen2.5-Instruct's file has top_k 20
-        for chat, which SimpleAR never applied.
+        for chat, which SimpleAR never applied. ValueError naming the file for a value it refuses.
         """
         path = os.path.join(ckpt_dir, "generation_config.json")
         gen = {}
         if os.path.isfile(path):
             with open(path, encoding="utf-8-sig") as f:
-                gen = json.load(f)
+                try:
+                    gen = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} is not valid JSON: {e}") from None
         keys = dict(guidance_scale="guidance_scale", negative_prompt="negative_prompt",
                     top_k="image_top_k", repetition_penalty="repetition_penalty")
         found = {field: gen.get(key) for field, key in keys.items()}
-        if found["repetition_penalty"] is not None:
-            found["repetition_penalty"] = float(found["repetition_penalty"])
-        if found["guidance_scale"] is not None:
-            found["guidance_scale"] = float(found["guidance_scale"])
-        return cls().replace(**found).replace(**overrides)
+        try:
+            settings = cls().replace(**found)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return settings.replace(**overrides)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,13 +386,14 @@ def text_to_image(model, tokenizer, vq, prompts, size=1024, n=1, seed=0, samplin
     vq: a CosmosTokenizer (or anything with codebook_size, spatial_compression and
     decode(codes [B, h, w])); it fixes the codebook, so the LM's vocabulary must end with its
     codebook_size image rows.
-    batch_size: images per generate() call (default n: one prompt's images share its prefill).
+    batch_size: images per generate() call (None: n, so that one prompt's images share its
+    prefill).
     jacobi: a jacobi.Jacobi to decode with speculative Jacobi decoding (same distribution).
     Images are decoded one at a time, so that an image's pixels do not depend on its batch.
     """
     import jacobi as jacobi_py  # jacobi.py builds on this file
-    batch_size = batch_size or n
-    check_request(prompts, size, n, batch_size, vq.spatial_compression)
+    batch_size = n if batch_size is None else batch_size
+    check_request(prompts, size, n, batch_size, seed, vq.spatial_compression)
     first_id = first_image_id(model.args.vocab_size, vq.codebook_size, tokenizer.get_vocab_size())
     special_token_ids(tokenizer)  # without <|t2i|>/<|soi|> they would be encoded as plain text
     side = size // vq.spatial_compression
@@ -423,20 +427,29 @@ def text_to_image(model, tokenizer, vq, prompts, size=1024, n=1, seed=0, samplin
     return Samples(codes, images, lm_s, dec_s, stats.forwards)
 
 
-def check_request(prompts, size, n, batch_size, compression=16):
+def check_request(prompts, size, n, batch_size, seed=0, compression=16):
+    """ValueError naming the first thing wrong with a text_to_image request (size None: unknown yet,
+    checked once the visual tokenizer is loaded)."""
     if not prompts:
         raise ValueError("no prompt given")
     for p in prompts:
         if not p.strip():
             raise ValueError("empty prompt")
-    if size <= 0 or size % compression:
-        raise ValueError(f"size {size} is not a positive multiple of {compression}")
+    if size is not None and size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    if size is not None and size % compression:
+        raise ValueError(f"size {size} is not a multiple of {compression}")
     if n < 1 or batch_size < 1:
         raise ValueError(f"n ({n}) and batch size ({batch_size}) must be >= 1")
+    if not 0 <= seed <= 2 ** 63 - n:
+        raise ValueError(f"seed must be in [0, 2^63 - n], got {seed}")
 
 
 # ------------------------------------------------------------------------------------------------
 # loading
+
+CKPT_FILES = ["*.json", "*.safetensors", "*.txt"]  # what a checkpoint download fetches
+
 
 def resolve_dir(name, what, patterns):
     """A local directory as is; a Hugging Face repo id ("owner/name") is downloaded when
@@ -467,7 +480,7 @@ def load(ckpt, vq, device="cpu", dtype="auto", quantize=None, decoding=True):
     int8 with quantize="int8"); pass False for a model that will be trained."""
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, device)[0]
-    ckpt = resolve_dir(ckpt, "checkpoint", ["*.json", "*.safetensors", "*.txt"])
+    ckpt = resolve_dir(ckpt, "checkpoint", CKPT_FILES)
     vq = resolve_dir(vq, "visual tokenizer", ["decoder.jit", "*.json", "model.safetensors"])
     tokenizer = load_text_tokenizer(ckpt)
     model = Transformer.from_pretrained(ckpt, dtype=dtype, device=device)
@@ -496,13 +509,6 @@ def check_default_model(ckpt, vq):
 
 def slug(text, limit=60):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "prompt"
-
-
-def write_atomic(path, save):
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"  # keeps the extension: np.save would append one
-    save(tmp)
-    os.replace(tmp, path)
 
 
 def save_outputs(samples, prompts, seed, out, grid=False, save_codes=False):
@@ -581,17 +587,51 @@ def add_runtime_args(p):
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
 
 
+def check_device(name) -> torch.device:
+    """The --device as a torch.device: cpu, or a CUDA device that exists (ValueError otherwise)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be cpu or cuda[:N], got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda[:N], got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
 def runtime_dtype(args, prog) -> torch.dtype:
-    """--dtype resolved for --device; a dtype that is slow here runs, with one warning line."""
-    dtype, warning = resolve_dtype(args.dtype, getattr(args, "device", "cpu"))
+    """--device checked, --dtype resolved for it. A dtype that is slow here, or int8 weights that
+    PyTorch's int8 kernel cannot take (it needs bf16 activations on a CPU), run with one warning
+    line."""
+    device = check_device(getattr(args, "device", "cpu"))
+    dtype, warning = resolve_dtype(args.dtype, device)
     if warning:
-        print(f"{prog}: warning: {warning}", file=sys.stderr)
+        warn(prog, warning)
+    if getattr(args, "quantize", None) and (device.type, dtype) != ("cpu", torch.bfloat16):
+        warn(prog, f"--quantize int8 with {str(dtype).removeprefix('torch.')} on {device.type} "
+             "dequantizes the weights on every call, slower than not quantizing (PyTorch's int8 "
+             "kernel takes bfloat16 on a CPU)")
     return dtype
 
 
+def prepare_out(out):
+    """Creates the output directory now, so that a path that cannot be one fails before the work."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} exists and is not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create --out {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out} is not writable")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="SimpleAR text-to-image: PNGs from prompts.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="sample.py", description="SimpleAR text-to-image: PNGs from prompts.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompt", action="append", help="a prompt; repeat for several")
     p.add_argument("--prompts-file", help="a text file, one prompt per line")
     p.add_argument("--ckpt", default=DEFAULT_CKPT,
@@ -605,7 +645,8 @@ def parse_args(argv=None):
     add_sampling_args(p)
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: --n)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: --n, one prompt's images together)")
     p.add_argument("--out", default="samples", help="output directory")
     p.add_argument("--grid", action="store_true", help="also write grid.png (a row per prompt)")
     p.add_argument("--save-codes", action="store_true",
@@ -619,14 +660,17 @@ def parse_args(argv=None):
 def run(args):
     import jacobi  # jacobi.py builds on this file
     prompts = read_prompts(args)
-    check_request(prompts, 1 if args.size is None else args.size, args.n, args.batch_size or args.n,
-                  compression=1)  # the size's multiple is checked once the tokenizer is loaded
+    # the size's multiple is checked once the tokenizer is loaded
+    batch_size = args.n if args.batch_size is None else args.batch_size
+    check_request(prompts, args.size, args.n, batch_size, args.seed, compression=1)
     flags = sampling_flags(args)
     speculative = jacobi.from_args(args)
     check_default_model(args.ckpt, args.vq)
     dtype = runtime_dtype(args, "sample.py")
-    model, tokenizer, vq, ckpt = load(args.ckpt, args.vq, args.device, dtype, args.quantize)
-    sampling = Sampling.from_checkpoint(ckpt, **flags)
+    prepare_out(args.out)
+    ckpt = resolve_dir(args.ckpt, "checkpoint", CKPT_FILES)
+    sampling = Sampling.from_checkpoint(ckpt, **flags)  # a bad generation_config.json fails here
+    model, tokenizer, vq, ckpt = load(ckpt, args.vq, args.device, dtype, args.quantize)
     size = vq.config.resolution if args.size is None else args.size
     samples = text_to_image(model, tokenizer, vq, prompts, size, args.n, args.seed, sampling,
                             batch_size=args.batch_size, compile=args.compile, jacobi=speculative)
@@ -640,12 +684,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"sample.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        raise SystemExit(2)
+    run_main("sample.py", run, parse_args(argv))
 
 
 if __name__ == "__main__":

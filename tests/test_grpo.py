@@ -144,10 +144,14 @@ def test_run_writes_checkpoints_and_resumed_equals_uninterrupted(tiny, tmp_path,
 
 
 @pytest.mark.parametrize("flags, word", [(["--group", "1"], "--group"), (["--categories", "cats"], "cats"),
-                                         (["--steps", "0"], "--steps")])
+                                         (["--steps", "0"], "--steps"), (["--cfg", "inf"], "guidance scale"),
+                                         (["--window", "4"], "add --jacobi"), (["--size", "4096"], "positions"),
+                                         (["--size", "30"], "not a multiple of"), (["--dtype", "x"], "invalid")])
 def test_cli_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, flags, word):
     lm, vq = tiny
+    out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        grpo.main(["--ckpt", lm, "--vq", vq, "--out", str(tmp_path), *flags])
+        grpo.main(["--ckpt", lm, "--vq", vq, "--out", str(out), *flags])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "\n" not in err and word in err
+    assert e.value.code == 2 and "\n" not in err and word in err and err.startswith("grpo.py: error: ")
+    assert not out.exists()  # found before anything was written

@@ -299,6 +299,13 @@ def test_prepared_decoding_kernels_match_the_plain_path(tiny):
     got = q(tokens, vocab=(lo, hi))
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    # bf16 activations on a CPU take PyTorch's int8 kernel (torch._weight_int8pack_mm), not the dequantization
+    q16 = Transformer(tiny.args).eval()
+    q16.load_state_dict(tiny.state_dict())
+    q16 = q16.to(torch.bfloat16).prepare_decoding((lo, hi), quantize="int8")
+    got16 = q16(tokens, vocab=(lo, hi))
+    assert (got16 - want).abs().max() <= 0.08 * want.abs().max()
+    assert (got16.argmax(-1) == want.argmax(-1)).float().mean() >= 0.85
     with torch.enable_grad():  # the head under autograd is the embedding's own rows
         tiny.prepare_decoding((lo, hi))
         tiny(tokens[:1], vocab=(lo, hi)).sum().backward()

@@ -259,8 +259,8 @@ def test_sampling_defaults_from_generation_config(ckpts, tmp_path):
 
 @pytest.mark.parametrize("args,match", [
     (["--prompt", "  "], "empty prompt"),
-    (["--prompt", "a cat", "--size", "40"], "size 40 is not a positive multiple of 16"),
-    (["--prompt", "a cat", "--size", "0"], "size 0 is not a positive multiple"),
+    (["--prompt", "a cat", "--size", "40"], "size 40 is not a multiple of 16"),
+    (["--prompt", "a cat", "--size", "0"], "size must be positive, got 0"),
     (["--prompt", "a cat", "--cfg", "-1"], "guidance scale"),
     (["--prompt", "a cat", "--cfg", "inf"], "guidance scale must be a finite number"),
     (["--prompt", "a cat", "--cfg", "nan"], "guidance scale must be a finite number"),
@@ -278,6 +278,14 @@ def test_sampling_defaults_from_generation_config(ckpts, tmp_path):
     (["--prompt", "a cat", "--window", "8"], "--window applies to Jacobi decoding only"),
     (["--prompt", "a cat", "--no-coupling"], "--no-coupling applies to Jacobi decoding only"),
     (["--prompt", "a cat", "--jacobi", "--compile"], "--compile compiles the one-token step"),
+    (["--prompt", "a cat", "--batch-size", "0"], "batch size (0) must be >= 1"),
+    (["--prompt", "a cat", "--seed", str(2 ** 64)], "seed must be in [0, 2^63 - n]"),
+    (["--prompt", "a cat", "--seed", "-1"], "seed must be in"),
+    (["--prompt", "a cat", "--device", "meta"], "device must be cpu or cuda"),
+    (["--prompt", "a cat", "--device", "foo"], "device must be cpu or cuda"),
+    (["--prompt", "a cat", "--cfg", "abc"], "invalid float value: 'abc'"),
+    (["--prompt", "a cat", "--dtype", "float8"], "invalid choice: 'float8'"),
+    (["--prompt", "a cat", "--out", __file__], "exists and is not a directory"),
 ])
 def test_bad_input_exits_2_with_one_line(ckpts, capsys, args, match):
     with pytest.raises(SystemExit) as e:
@@ -285,6 +293,23 @@ def test_bad_input_exits_2_with_one_line(ckpts, capsys, args, match):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and match in err and "Traceback" not in err
+
+
+def test_bad_generation_config_is_named_before_the_weights_load(ckpts, tmp_path, capsys, monkeypatch):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpts[0], bad)
+    loads = []
+    monkeypatch.setattr(Transformer, "from_pretrained", lambda *a, **k: loads.append(a))
+    for content, match in (('{"guidance_scale": true}', "guidance scale must be a finite number"),
+                           ('{"repetition_penalty": "abc"}', "repetition penalty must be a finite number"),
+                           ("{not json", "is not valid JSON")):
+        (bad / "generation_config.json").write_text(content)
+        with pytest.raises(SystemExit) as e:
+            main(["--prompt", "a cat", "--ckpt", str(bad), "--vq", ckpts[1], "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and match in err and "generation_config.json" in err
+    assert loads == []
 
 
 def test_bad_checkpoints_exit_2_with_one_line(ckpts, tmp_path, capsys, monkeypatch):

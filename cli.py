@@ -1,0 +1,53 @@
+"""What every command line of the project shares: one-line errors with exit status 2, one-line
+warnings, and files written under a temporary name, then renamed.
+
+    from cli import Parser, run_main, warn, write_atomic
+    p = Parser(description=...)            # argparse; a bad flag is one line, exit 2
+    run_main("sample.py", run, args)       # ValueError / FileNotFoundError → one line, exit 2
+
+A library function raises ValueError or FileNotFoundError naming the offending thing; only the
+command line turns it into the one line a user sees.
+"""
+import argparse
+import os
+import sys
+
+
+def fail(prog: str, message) -> None:
+    """Print `{prog}: error: {message}` on one line of stderr and exit with status 2."""
+    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def warn(prog: str, message) -> None:
+    """Print `{prog}: warning: {message}` on one line of stderr."""
+    print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown flag, a value of the wrong type) are one line, exit 2."""
+
+    def error(self, message):
+        fail(self.prog, message)
+
+
+def run_main(prog: str, fn, *args):
+    """fn(*args), with bad input (ValueError, FileNotFoundError) turned into one line and exit 2."""
+    try:
+        return fn(*args)
+    except (ValueError, FileNotFoundError) as e:
+        fail(prog, e)
+
+
+def write_atomic(path, save) -> None:
+    """save(tmp) writes the file under a temporary name beside path, which then replaces path: a
+    reader never sees half a file, and a crash leaves nothing under the final name. The temporary
+    name keeps path's extension (np.save and PIL choose the format by it)."""
+    root, ext = os.path.splitext(str(path))
+    tmp = f"{root}.tmp{os.getpid()}{ext}"
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
