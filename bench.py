@@ -1,18 +1,18 @@
+"""Performance measurements of the shipped functions, one subcommand per part; each prints a table
+with its ratios and the machine it ran on.
+
+    python bench.py decode --int8 --compile  # the decode loop per dtype vs transformers, roofline
+    python bench.py sample --steps 32        # seconds per image at 256², 512², 1024² (0.5B shape)
+    python bench.py cosmos --grids 32 64     # the Cosmos decoder, fp32 vs auto dtype, PSNR, memory
+    python bench.py int8                     # int8 weight-only quality: logits, greedy codes
+    python bench.py jacobi                   # speculative Jacobi decoding vs plain decoding
+    python bench.py train                    # train.py tokens/s + MFU, 1 vs 2 processes
+    python bench.py gpu                      # the GPU tables in one run (decode, 1024² image,
+                                             # Cosmos)
+
+Cosmos grid sizes run in their own processes, so that the peak resident memory is that size's
+alone.
 """
-Performance measurements, one subcommand per part; each prints a small table with ratios.
-
-    python bench.py decode                                   # SimpleAR-0.5B shape, random weights, 64 tokens
-    python bench.py decode --layers 4 --tokens 32            # quick run on a cut model
-    python bench.py sample                                   # seconds per image at 256², 512², 1024² (0.5B)
-    python bench.py train                                    # train.py tokens/s + MFU, 1 vs 2 processes
-
-    python bench.py cosmos                                   # DV8x16x16 decoder, random weights, 32x32 and 64x64 grids
-    python bench.py cosmos --grids 32 64 --preset dv-tiny --repeat 3
-    python bench.py cosmos --ckpt checkpoints/Cosmos-1.0-Tokenizer-DV8x16x16 --device cuda --dtype bfloat16
-
-Each grid size runs in its own process so that the peak resident memory (ru_maxrss) belongs to that size alone.
-"""
-
 import argparse
 import json
 import os
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import data as data_py
 import model as model_py
 import sample
+from cli import Parser, run_main
 from model import ModelArgs, Transformer
 
 
@@ -49,8 +50,9 @@ def machine() -> str:
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     caps = torch._C._cpu._get_cpu_capability()
     bf16 = "with" if model_py.cpu_bf16_native() else "without"
-    return (f"{caps.get('cpu_name') or 'CPU'} ({caps.get('num_physical_cores')} cores, {bf16} bf16 instructions), "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    return (f"{caps.get('cpu_name') or 'CPU'} ({caps.get('num_physical_cores')} cores, "
+            f"{bf16} bf16 instructions), {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}")
 
 
 def sync(device):
@@ -59,7 +61,8 @@ def sync(device):
 
 
 def random_model(args: ModelArgs, dtype, device, seed=0) -> Transformer:
-    """Random weights fast: build on meta, allocate, fill with small normals (init schemes don't matter for speed)."""
+    """Random weights fast: build on meta, allocate, fill with small normals (init schemes don't
+    matter for speed)."""
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to_empty(device=device)
@@ -74,9 +77,11 @@ def random_model(args: ModelArgs, dtype, device, seed=0) -> Transformer:
 
 
 def bytes_per_step(model, vocab) -> int:
-    """Weight bytes one decode step reads: every layer, the final norm, and the head's sampled rows."""
+    """Weight bytes one decode step reads: every layer, the final norm, and the head's sampled
+    rows."""
     skip = {id(model.embed_tokens.weight)}
-    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if id(t) not in skip)
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
+                if id(t) not in skip)
     head = model.decode_head[2] if model.decode_head else None
     if head is not None and not isinstance(head, model_py.Int8Linear):
         total += head.weight.numel() * head.weight.element_size()
@@ -95,7 +100,8 @@ def time_decode(model, prompt, negative, vocab, n, sampling, compile, device, se
     u = sample.uniforms([seed], n, device)
     sync(device)
     t0 = time.perf_counter()
-    sample.decode_n_tokens(model, logits, ends, u, sampling, vocab[0], vocab, compile, progress=False)
+    sample.decode_n_tokens(model, logits, ends, u, sampling, vocab[0], vocab, compile,
+                           progress=False)
     sync(device)
     return time.perf_counter() - t0
 
@@ -110,13 +116,15 @@ def transformers_decode(model, dtype, prompt, negative, n, scale, device, repeat
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     margs = model.args
-    cfg = Qwen2Config(**{k: v for k, v in margs.to_hf_config().items() if k not in ("architectures", "torch_dtype")})
+    cfg = Qwen2Config(**{k: v for k, v in margs.to_hf_config().items()
+                         if k not in ("architectures", "torch_dtype")})
     with torch.device("meta"):
         hf = Qwen2ForCausalLM(cfg)
     state = {Transformer.hf_key(k): v for k, v in model.state_dict().items()}
     hf.load_state_dict(state, strict=False, assign=True)
     hf.tie_weights()
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)  # its inv_freq buffer was left on meta
+    # its inv_freq buffer was left on meta
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)
     hf = hf.to(device=device, dtype=dtype).eval()
 
     class CFGLogits(LogitsProcessor):
@@ -129,7 +137,8 @@ def transformers_decode(model, dtype, prompt, negative, n, scale, device, repeat
             if self.out is None:
                 self.out = hf(self.uncond, use_cache=True)
             else:
-                self.out = hf(input_ids[:, -1:], use_cache=True, past_key_values=self.out.past_key_values)
+                self.out = hf(input_ids[:, -1:], use_cache=True,
+                              past_key_values=self.out.past_key_values)
             u = F.log_softmax(self.out.logits[:, -1], dim=-1)
             return u + scale * (scores - u)
 
@@ -138,9 +147,11 @@ def transformers_decode(model, dtype, prompt, negative, n, scale, device, repeat
         proc = CFGLogits(torch.tensor([negative], device=device))
         sync(device)
         t0 = time.perf_counter()
-        hf.generate(torch.tensor([prompt], device=device), attention_mask=torch.ones(1, len(prompt), dtype=torch.long,
-                    device=device), max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=0, top_p=1.0,
-                    temperature=1.0, logits_processor=LogitsProcessorList([proc]), pad_token_id=0, eos_token_id=None)
+        hf.generate(torch.tensor([prompt], device=device),
+                    attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
+                    max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=0, top_p=1.0,
+                    temperature=1.0, logits_processor=LogitsProcessorList([proc]), pad_token_id=0,
+                    eos_token_id=None)
         sync(device)
         return time.perf_counter() - t0
 
@@ -149,10 +160,10 @@ def transformers_decode(model, dtype, prompt, negative, n, scale, device, repeat
 
 
 def decode_rows(a, margs, configs):
-    """One row per (dtype, quantize, compile) of configs: ms per decode step of the shipped loop and,
-    per dtype, of transformers' path; the bytes read per step and the share of the read roofline.
-    The configurations take turns, run after run, so that a machine whose speed drifts (a shared
-    host) slows them alike; each row is a median over --repeat runs."""
+    """One row per (dtype, quantize, compile) of configs: ms per decode step of the shipped loop
+    and, per dtype, of transformers' path; the bytes read per step and the share of the read
+    roofline. The configurations take turns, run after run, so that a machine whose speed drifts (a
+    shared host) slows them alike; each row is a median over --repeat runs."""
     bw = read_bandwidth() if torch.device(a.device).type == "cpu" else None
     K = a.codebook
     V = margs.vocab_size
@@ -177,7 +188,8 @@ def decode_rows(a, margs, configs):
     hf_ms = {}
     for dtype in dict.fromkeys(c[0] for c in configs) if a.transformers else ():
         plain = random_model(margs, dtype, a.device)
-        t = transformers_decode(plain, dtype, prompt, negative, a.tokens, a.cfg, a.device, a.repeat)
+        t = transformers_decode(plain, dtype, prompt, negative, a.tokens, a.cfg, a.device,
+                                a.repeat)
         hf_ms[dtype] = 1e3 * t / a.tokens
         del plain
     rows = []
@@ -197,15 +209,17 @@ def print_decode(rows, bw, title):
         roof = f"{r['roofline']:.2f}" if r["roofline"] is not None else "-"
         hf = f"{r['hf_ms']:.1f}" if r["hf_ms"] else "-"
         up = f"{r['hf_ms'] / r['ms']:.2f}x" if r["hf_ms"] else "-"
-        print(f"{r['dtype']:<10}{r['quantize']:<9}{'yes' if r['compile'] else 'no':<10}{r['ms']:>9.1f}"
-              f"{1e3 / r['ms']:>10.2f}{r['gb']:>9.2f}{roof:>13}{hf:>17}{up:>10}")
+        print(f"{r['dtype']:<10}{r['quantize']:<9}{'yes' if r['compile'] else 'no':<10}"
+              f"{r['ms']:>9.1f}{1e3 / r['ms']:>10.2f}{r['gb']:>9.2f}{roof:>13}{hf:>17}{up:>10}")
     if bw:
-        print(f"roofline: GB/step / {bw / 1e9:.1f} GB/s (this machine's read bandwidth, a 1 GiB float32 sum); "
-              "transformers: generate + SimpleAR's CFG processor, same weights and dtype")
+        print(f"roofline: GB/step / {bw / 1e9:.1f} GB/s (this machine's read bandwidth, "
+              "a 1 GiB float32 sum); transformers: generate + SimpleAR's CFG processor, "
+              "same weights and dtype")
     base = rows[0]["ms"]
-    print("vs the first row: " + ", ".join(f"{r['dtype']}{'+' + r['quantize'] if r['quantize'] != '-' else ''}"
-                                           f"{' compiled' if r['compile'] else ''} {base / r['ms']:.2f}x"
-                                           for r in rows))
+    print("vs the first row: "
+          + ", ".join(f"{r['dtype']}{'+' + r['quantize'] if r['quantize'] != '-' else ''}"
+                      f"{' compiled' if r['compile'] else ''} {base / r['ms']:.2f}x"
+                      for r in rows))
 
 
 def bench_decode(a):
@@ -222,15 +236,16 @@ def bench_decode(a):
     if a.compile:
         configs.append((auto, None, True))
     rows, bw = decode_rows(a, margs, configs)
-    print_decode(rows, bw, f"{a.model} with {margs.n_layers} layers, random weights, {a.tokens} image tokens, "
-                 f"CFG pair (2 rows), prompt {a.prompt_len}, medians of {a.repeat}; {machine()}")
+    print_decode(rows, bw, f"{a.model} with {margs.n_layers} layers, random weights, "
+                 f"{a.tokens} image tokens, CFG pair (2 rows), prompt {a.prompt_len}, "
+                 f"medians of {a.repeat}; {machine()}")
 
 
 def bench_sample(a):
-    """Seconds per image of the shipped loop (CFG pair, repetition penalty 1.1, image rows) and of the Cosmos
-    decoder, per image size, in the dtype --dtype auto picks. The LM time is prefill + the decode steps, timed
-    over --steps steps at the start and at the end of the image (attention grows with the cache) and
-    integrated linearly over all (size/16)^2 steps, unless --full."""
+    """Seconds per image of the shipped loop (CFG pair, repetition penalty 1.1, image rows) and of
+    the Cosmos decoder, per image size, in the dtype --dtype auto picks. The LM time is prefill +
+    the decode steps, timed over --steps steps at the start and at the end of the image (attention
+    grows with the cache) and integrated linearly over all (size/16)^2 steps, unless --full."""
     from cosmos_tokenizer import CosmosConfig, CosmosTokenizer
 
     torch.manual_seed(0)
@@ -238,18 +253,21 @@ def bench_sample(a):
     margs = ModelArgs.from_name(a.model)
     if a.layers:
         margs.n_layers = a.layers
-    vq = CosmosTokenizer(CosmosConfig.from_name(a.preset), encoder=False).to(a.device, dtype).eval()
+    vq = CosmosTokenizer(CosmosConfig.from_name(a.preset),
+                         encoder=False).to(a.device, dtype).eval()
     K = vq.codebook_size
     V = margs.vocab_size
     vocab = (V - K, V)
     model = random_model(margs, dtype, a.device).prepare_decoding(vocab, a.quantize)
     s = sample.Sampling(repetition_penalty=1.1)
-    prompt, neg = list(range(100, 100 + a.prompt_len)), list(range(200, 235))  # SimpleAR's negative: ~35 tokens
+    # SimpleAR's negative: ~35 tokens
+    prompt, neg = list(range(100, 100 + a.prompt_len)), list(range(200, 235))
     print(f"{a.model} ({margs.n_layers} layers) + {a.preset} decoder, random weights, "
-          f"{str(dtype).removeprefix('torch.')}{' int8' if a.quantize else ''}{', compiled' if a.compile else ''}; "
+          f"{str(dtype).removeprefix('torch.')}{' int8' if a.quantize else ''}"
+          f"{', compiled' if a.compile else ''}; "
           f"one image = CFG pair (2 rows), repetition penalty 1.1; {machine()}")
-    print(f"{'size':>6}{'tokens':>8}{'prefill s':>11}{'first step ms':>15}{'last step ms':>14}{'LM s':>9}"
-          f"{'decoder s':>11}{'total s':>9}")
+    print(f"{'size':>6}{'tokens':>8}{'prefill s':>11}{'first step ms':>15}{'last step ms':>14}"
+          f"{'LM s':>9}{'decoder s':>11}{'total s':>9}")
     for size in a.sizes:
         n = (size // 16) ** 2
 
@@ -258,10 +276,12 @@ def bench_sample(a):
             """ms per step of decode_n_tokens for count steps from cache column `ends + start`."""
             logits, ends = sample.prefill(model, [prompt], neg, vocab, n, s, a.compile)
             u = sample.uniforms([0], count + 1, a.device)
-            sample.decode_n_tokens(model, logits, ends + start, u[:, :2], s, vocab[0], vocab, a.compile, False)
+            sample.decode_n_tokens(model, logits, ends + start, u[:, :2], s, vocab[0], vocab,
+                                   a.compile, False)
             sync(a.device)
             t0 = time.perf_counter()
-            sample.decode_n_tokens(model, logits, ends + start, u, s, vocab[0], vocab, a.compile, False)
+            sample.decode_n_tokens(model, logits, ends + start, u, s, vocab[0], vocab, a.compile,
+                                   False)
             sync(a.device)
             return (time.perf_counter() - t0) / count
 
@@ -298,21 +318,24 @@ def bench_gpu(a):
         margs.n_layers = a.layers
     cuda = torch.device(a.device).type == "cuda"
     low = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
-    d = argparse.Namespace(device=a.device, codebook=64000, prompt_len=24, cfg=6.0, tokens=a.tokens, repeat=a.repeat,
-                           transformers=True)
-    rows, bw = decode_rows(d, margs, [(torch.float32, None, False), (low, None, False), (low, None, True)])
-    print_decode(rows, bw, f"decode: {a.model} with {margs.n_layers} layers, random weights, {a.tokens} tokens, "
-                 f"CFG pair; {machine()}")
-    s = argparse.Namespace(model=a.model, layers=a.layers, preset=a.preset, prompt_len=30, steps=a.tokens,
-                           full=a.full, sizes=[a.size], dtype=str(low).removeprefix("torch."), device=a.device,
-                           quantize=None, compile=True)
+    d = argparse.Namespace(device=a.device, codebook=64000, prompt_len=24, cfg=6.0, tokens=a.tokens,
+                           repeat=a.repeat, transformers=True)
+    rows, bw = decode_rows(d, margs, [(torch.float32, None, False), (low, None, False),
+                                      (low, None, True)])
+    print_decode(rows, bw, f"decode: {a.model} with {margs.n_layers} layers, random weights, "
+                 f"{a.tokens} tokens, CFG pair; {machine()}")
+    s = argparse.Namespace(model=a.model, layers=a.layers, preset=a.preset, prompt_len=30,
+                           steps=a.tokens, full=a.full, sizes=[a.size],
+                           dtype=str(low).removeprefix("torch."), device=a.device, quantize=None,
+                           compile=True)
     print()
     bench_sample(s)
     print()
     from cosmos_tokenizer import CosmosConfig, CosmosTokenizer
     print(f"cosmos {a.preset} decoder, random weights, one {a.size}² image:")
     for dtype in (torch.float32, low):
-        vq = CosmosTokenizer(CosmosConfig.from_name(a.preset), encoder=False).to(a.device, dtype).eval()
+        vq = CosmosTokenizer(CosmosConfig.from_name(a.preset),
+                             encoder=False).to(a.device, dtype).eval()
         codes = torch.randint(0, vq.codebook_size, (1, a.size // 16, a.size // 16))
         with torch.inference_mode():
             vq.decode(codes)
@@ -328,7 +351,8 @@ def bench_gpu(a):
 
 def bench_train(a):
     """train.py throughput on a small config: tokens/s and MFU for the same global batch on
-    1 process x all cores, 1 process x 1 thread and 2 processes (torchrun, gloo) x cores/2 threads."""
+    1 process x all cores, 1 process x 1 thread and 2 processes (torchrun, gloo) x cores/2
+    threads."""
     import tempfile
 
     import numpy as np
@@ -340,32 +364,43 @@ def bench_train(a):
         spatial_compression, codebook_size = 16, a.codebook
 
         def encode(self, x):
-            return torch.randint(0, a.codebook, (x.shape[0], x.shape[2] // 16, x.shape[3] // 16))
+            return torch.randint(0, a.codebook,
+                                 (x.shape[0], x.shape[2] // 16, x.shape[3] // 16))
 
-    tmp, n, rng = tempfile.mkdtemp(prefix="bench_train_"), a.batch * (a.steps + 2), np.random.default_rng(0)
+    tmp = tempfile.mkdtemp(prefix="bench_train_")
+    n = a.batch * (a.steps + 2)
+    rng = np.random.default_rng(0)
     os.makedirs(f"{tmp}/img")
     with open(f"{tmp}/meta.jsonl", "w") as f:
         for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (a.size, a.size, 3), dtype=np.uint8)).save(f"{tmp}/img/{i}.png")
-            f.write(json.dumps(dict(image=f"img/{i}.png", caption=f"a test image number {i}")) + "\n")
-    data.train_bpe_tokenizer([f"a test image number {i}" for i in range(n)] + data.STYLE_PREFIXES, 512, f"{tmp}/tok")
+            Image.fromarray(rng.integers(0, 255, (a.size, a.size, 3), dtype=np.uint8)).save(
+                f"{tmp}/img/{i}.png")
+            f.write(json.dumps(dict(image=f"img/{i}.png", caption=f"a test image number {i}"))
+                    + "\n")
+    data.train_bpe_tokenizer([f"a test image number {i}" for i in range(n)] + data.STYLE_PREFIXES,
+                             512, f"{tmp}/tok")
     data.prepare_codes(f"{tmp}/meta.jsonl", f"{tmp}/codes", RandomVQ(), a.size)
     cores, rows = len(os.sched_getaffinity(0)), []
     for procs, threads in ((1, cores), (1, 1), (2, max(1, cores // 2))):
         out = f"{tmp}/run{procs}x{threads}"
-        args = ["train.py", "--config", "tiny", "--dim", a.dim, "--n-layers", a.layers, "--n-heads", a.heads,
-                "--n-kv-heads", a.kv_heads, "--intermediate-size", a.ffn, "--tokenizer", f"{tmp}/tok",
-                "--data", f"{tmp}/codes", "--out", out, "--steps", a.steps, "--batch-size", a.batch // procs,
-                "--log-every", 1, "--save-every", 0, "--keep", 1, "--loss-chunk", 1024, "--no-progress"]
-        launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
-                                     if procs > 1 else [])
-        subprocess.run(launch + [str(x) for x in args], cwd=os.path.dirname(os.path.abspath(__file__)),
-                       env=dict(os.environ, OMP_NUM_THREADS=str(threads)), check=True, capture_output=True)
-        log = [json.loads(line) for line in open(f"{out}/log.jsonl")][2:]  # the first two steps warm up
+        args = ["train.py", "--config", "tiny", "--dim", a.dim, "--n-layers", a.layers,
+                "--n-heads", a.heads, "--n-kv-heads", a.kv_heads, "--intermediate-size", a.ffn,
+                "--tokenizer", f"{tmp}/tok", "--data", f"{tmp}/codes", "--out", out,
+                "--steps", a.steps, "--batch-size", a.batch // procs, "--log-every", 1,
+                "--save-every", 0, "--keep", 1, "--loss-chunk", 1024, "--no-progress"]
+        launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
+                                      f"--nproc_per_node={procs}"] if procs > 1 else [])
+        subprocess.run(launch + [str(x) for x in args],
+                       cwd=os.path.dirname(os.path.abspath(__file__)),
+                       env=dict(os.environ, OMP_NUM_THREADS=str(threads)), check=True,
+                       capture_output=True)
+        # the first two steps warm up
+        log = [json.loads(line) for line in open(f"{out}/log.jsonl")][2:]
         rows.append((procs, threads, statistics.median(r["tokens_per_s"] for r in log),
                      statistics.median(r["mfu"] for r in log)))
-    print(f"train.py: dim {a.dim} x {a.layers} blocks, {a.codebook} codes, {a.size} px, global batch {a.batch}, "
-          f"fp32, {cores} cores; medians over steps 3..{a.steps}; MFU against the measured fp32 matmul peak")
+    print(f"train.py: dim {a.dim} x {a.layers} blocks, {a.codebook} codes, {a.size} px, "
+          f"global batch {a.batch}, fp32, {cores} cores; medians over steps 3..{a.steps}; "
+          f"MFU against the measured fp32 matmul peak")
     print(f"{'processes x threads':<22}{'tokens/s':>10}{'MFU':>8}{'vs first':>10}")
     for procs, threads, tps, mfu in rows:
         print(f"{f'{procs} x {threads}':<22}{tps:>10.0f}{mfu:>8.1%}{tps / rows[0][2]:>9.2f}x")
@@ -376,7 +411,8 @@ def _gib(kib: int) -> float:
 
 
 def _cosmos_child(args):
-    """Decode one grid size in one dtype, print one JSON line; --save writes the images (float32 .npy)."""
+    """Decode one grid size in one dtype, print one JSON line; --save writes the images (float32
+    .npy)."""
     import numpy as np
 
     from cosmos_tokenizer import CosmosConfig, CosmosTokenizer
@@ -387,9 +423,11 @@ def _cosmos_child(args):
     torch.manual_seed(0)  # random weights: the same ones in every child, rounded to its dtype
     t0 = time.perf_counter()
     if args.ckpt:
-        tok = CosmosTokenizer.from_pretrained(args.ckpt, dtype=dtype, device=args.device, encoder=False, decoder=True)
+        tok = CosmosTokenizer.from_pretrained(args.ckpt, dtype=dtype, device=args.device,
+                                              encoder=False, decoder=True)
     else:
-        tok = CosmosTokenizer(CosmosConfig.from_name(args.preset), encoder=False).to(args.device, dtype).eval()
+        tok = CosmosTokenizer(CosmosConfig.from_name(args.preset),
+                              encoder=False).to(args.device, dtype).eval()
     load_s = time.perf_counter() - t0
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     g = args.child_grid
@@ -416,8 +454,9 @@ def _cosmos_child(args):
 
 
 def bench_cosmos(args):
-    """Decode time and peak memory of the Cosmos decoder for each grid size, in float32 and in the dtype
-    --dtype names (auto: the one sample.py picks), with that dtype's PSNR against float32 on the same codes."""
+    """Decode time and peak memory of the Cosmos decoder for each grid size, in float32 and in the
+    dtype --dtype names (auto: the one sample.py picks), with that dtype's PSNR against float32 on
+    the same codes."""
     import tempfile
 
     import numpy as np
@@ -432,33 +471,37 @@ def bench_cosmos(args):
         for g in args.grids:
             for dt in dtypes:
                 save = os.path.join(tmp, f"{g}_{dt}.npy")
-                cmd = [sys.executable, __file__, "cosmos", "--child-grid", str(g), "--batch", str(args.batch),
-                       "--repeat", str(args.repeat), "--preset", args.preset, "--device", args.device,
-                       "--dtype", dt, "--threads", str(args.threads), "--save", save]
+                cmd = [sys.executable, __file__, "cosmos", "--child-grid", str(g),
+                       "--batch", str(args.batch), "--repeat", str(args.repeat),
+                       "--preset", args.preset, "--device", args.device, "--dtype", dt,
+                       "--threads", str(args.threads), "--save", save]
                 cmd += ["--ckpt", args.ckpt] if args.ckpt else []
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                    print(f"error: grid {g}x{g} failed: {tail}", file=sys.stderr)
-                    raise SystemExit(2)
+                    raise ValueError(f"grid {g}x{g} failed: {tail}")
                 row = dict(json.loads(proc.stdout.strip().splitlines()[-1]), dtype=dt, psnr=None)
                 if dt != "float32":
-                    mse = np.mean(((np.load(save) - np.load(os.path.join(tmp, f"{g}_float32.npy"))) / 2) ** 2)
+                    mse = np.mean(((np.load(save) - np.load(os.path.join(tmp, f"{g}_float32.npy")))
+                                   / 2) ** 2)
                     row["psnr"] = 10 * np.log10(1 / mse) if mse > 0 else float("inf")
                 rows.append(row)
     source = args.ckpt or f"{args.preset} (random weights)"
-    print(f"cosmos decoder {source}: {rows[0]['params'] / 1e6:.1f}M params, {args.device}, batch {args.batch}, "
-          f"best of {args.repeat}; {machine()}; 1-min load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"cosmos decoder {source}: {rows[0]['params'] / 1e6:.1f}M params, {args.device}, "
+          f"batch {args.batch}, best of {args.repeat}; {machine()}; "
+          f"1-min load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
     cuda = rows[0]["cuda_peak_gib"] is not None
     print(f"{'grid':>7} {'image':>10} {'dtype':>9} {'decode s':>9} {'s/1k tok':>9} {'vs fp32':>8} "
-          f"{'PSNR vs fp32':>13} {'peak RSS GiB':>13} {'RSS over weights':>17}" + (f" {'CUDA peak GiB':>14}" if cuda else ""))
+          f"{'PSNR vs fp32':>13} {'peak RSS GiB':>13} {'RSS over weights':>17}"
+          + (f" {'CUDA peak GiB':>14}" if cuda else ""))
     fp32 = {}
     for r in rows:
         fp32.setdefault(r["grid"], r["decode_s"])
         per_tok = r["decode_s"] / (r["grid"] ** 2 * args.batch)
         psnr = "-" if r["psnr"] is None else f"{r['psnr']:.1f} dB"
-        line = (f"{r['grid']:>4}x{r['grid']:<2} {r['image'][0]:>5}x{r['image'][1]:<4} {r['dtype']:>9} "
-                f"{r['decode_s']:>9.2f} {per_tok * 1000:>9.2f} {fp32[r['grid']] / r['decode_s']:>7.2f}x "
+        line = (f"{r['grid']:>4}x{r['grid']:<2} {r['image'][0]:>5}x{r['image'][1]:<4} "
+                f"{r['dtype']:>9} {r['decode_s']:>9.2f} {per_tok * 1000:>9.2f} "
+                f"{fp32[r['grid']] / r['decode_s']:>7.2f}x "
                 f"{psnr:>13} {r['peak_rss_gib']:>13.2f} {r['rss_over_load_gib']:>17.2f}")
         if cuda:
             line += f" {r['cuda_peak_gib']:>14.2f}"
@@ -466,8 +509,9 @@ def bench_cosmos(args):
 
 
 def bench_int8(a):
-    """int8 weight-only quality against bf16 and fp32: max |logit difference| at the SimpleAR-0.5B shape
-    (random weights, a prefill), and greedy codes of the shipped model, 256 tokens per dtype."""
+    """int8 weight-only quality against bf16 and fp32: max |logit difference| at the SimpleAR-0.5B
+    shape (random weights, a prefill), and greedy codes of the shipped model, 256 tokens per
+    dtype."""
     torch.manual_seed(0)
     low = model_py.resolve_dtype("auto", "cpu")[0]
     margs = ModelArgs.from_name("simplear-0.5b")
@@ -475,44 +519,52 @@ def bench_int8(a):
     vocab = (margs.vocab_size - 64000, margs.vocab_size)
     tokens = torch.randint(0, vocab[0], (2, 64))
     logits = {}
-    for name, dtype, quantize in (("float32", torch.float32, None), ("bf16", low, None), ("int8", low, "int8")):
+    for name, dtype, quantize in (("float32", torch.float32, None), ("bf16", low, None),
+                                  ("int8", low, "int8")):
         model = random_model(margs, dtype, "cpu").prepare_decoding(vocab, quantize)
         with torch.inference_mode():
             logits[name] = model(tokens, vocab=vocab)
         del model
     scale = logits["float32"].abs().max().item()
-    print(f"simplear-0.5b shape cut to {a.layers} layers, random weights, logits of a 2 x 64-token prefill over "
-          f"the 64,000 code rows (max |logit| {scale:.2f}); {machine()}")
+    print(f"simplear-0.5b shape cut to {a.layers} layers, random weights, logits of a 2 x 64-token "
+          f"prefill over the 64,000 code rows (max |logit| {scale:.2f}); {machine()}")
     for x, y in (("bf16", "float32"), ("int8", "float32"), ("int8", "bf16")):
         d = (logits[x] - logits[y]).abs().max().item()
         agree = (logits[x].argmax(-1) == logits[y].argmax(-1)).float().mean().item()
-        print(f"  {x} vs {y}: max |delta logit| {d:.4f} ({d / scale:.2%} of max |logit|), argmax agreement {agree:.1%}")
+        print(f"  {x} vs {y}: max |delta logit| {d:.4f} ({d / scale:.2%} of max |logit|), "
+              f"argmax agreement {agree:.1%}")
 
     ckpt, vq = sample.DEFAULT_CKPT, sample.DEFAULT_VQ
-    prompts = [p.strip() for p in open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes",
-                                                    "nano_prompts.txt")) if p.strip()][:a.images]
+    prompts = [p.strip() for p in open(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                    "recipes", "nano_prompts.txt"))
+               if p.strip()][:a.images]
     codes = {}
-    for name, dtype, quantize in (("float32", torch.float32, None), ("bf16", low, None), ("int8", low, "int8")):
+    for name, dtype, quantize in (("float32", torch.float32, None), ("bf16", low, None),
+                                  ("int8", low, "int8")):
         model, tok, vqm, ck = sample.load(ckpt, vq, "cpu", dtype, quantize)
         s = sample.Sampling.from_checkpoint(ck, top_k=1)
-        out = sample.text_to_image(model, tok, vqm, prompts, n=1, sampling=s, decode=False, progress=False,
-                                   size=vqm.config.resolution)
+        out = sample.text_to_image(model, tok, vqm, prompts, n=1, sampling=s, decode=False,
+                                   progress=False, size=vqm.config.resolution)
         codes[name] = out.codes.flatten()
     n = codes["float32"].numel()
     print(f"shipped nano model, greedy (top-k 1) at its guidance, {len(prompts)} prompts x "
           f"{n // len(prompts)} tokens = {n} tokens:")
     for x, y in (("bf16", "float32"), ("int8", "bf16"), ("int8", "float32")):
-        print(f"  {x} vs {y}: {(codes[x] == codes[y]).float().mean().item():.1%} of the greedy codes agree")
+        print(f"  {x} vs {y}: {(codes[x] == codes[y]).float().mean().item():.1%} "
+              f"of the greedy codes agree")
 
 
 def histogram_png(path, series, title):
-    """A bar chart of committed-tokens-per-forward histograms, one colour per series {label: counts},
-    drawn with PIL (no plotting library at run time)."""
+    """A bar chart of committed-tokens-per-forward histograms, one colour per series {label:
+    counts}, drawn with PIL (no plotting library at run time)."""
     from PIL import Image, ImageDraw
 
     colors = [(40, 90, 220), (220, 90, 40), (40, 170, 70), (150, 60, 180)]
     n = max(len(c) for c in series.values())
-    W, H, left, bottom = 120 + 36 * n, 320, 50, 40
+    W = 120 + 36 * n
+    H = 320
+    left = 50
+    bottom = 40
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     shares = {k: [x / max(1, sum(c)) for x in c] for k, c in series.items()}
@@ -537,10 +589,10 @@ def histogram_png(path, series, title):
 
 
 def bench_jacobi(a):
-    """Speculative Jacobi decoding on the shipped nano model against plain decoding: forwards per image and wall
-    time, per window and option, at the model's own sampling settings and at SimpleAR's; then, at the
-    SimpleAR-0.5B shape, the cost of a W-token window forward against a one-token step, and the speed-up it
-    implies at the compressions measured."""
+    """Speculative Jacobi decoding on the shipped nano model against plain decoding: forwards per
+    image and wall time, per window and option, at the model's own sampling settings and at
+    SimpleAR's; then, at the SimpleAR-0.5B shape, the cost of a W-token window forward against a
+    one-token step, and the speed-up it implies at the compressions measured."""
     import numpy as np
 
     import jacobi
@@ -548,9 +600,11 @@ def bench_jacobi(a):
 
     model, tok, vq, ckpt = sample.load(sample.DEFAULT_CKPT, sample.DEFAULT_VQ, "cpu", a.dtype)
     root = os.path.dirname(os.path.abspath(__file__))
-    prompts = [p.strip() for p in open(os.path.join(root, "recipes", "nano_prompts.txt")) if p.strip()]
+    prompts = [p.strip() for p in open(os.path.join(root, "recipes", "nano_prompts.txt"))
+               if p.strip()]
     settings = {"nano defaults": sample.Sampling.from_checkpoint(ckpt),
-                "SimpleAR's (cfg 6, its negative prompt, no top-k)": sample.Sampling(repetition_penalty=1.0)}
+                "SimpleAR's (cfg 6, its negative prompt, no top-k)":
+                    sample.Sampling(repetition_penalty=1.0)}
     options = [("SJD: random init, no coupling", dict(init="random", coupling=False)),
                ("left init, no coupling", dict(init="left", coupling=False)),
                ("above init, no coupling", dict(init="above", coupling=False)),
@@ -558,23 +612,24 @@ def bench_jacobi(a):
                ("above init, coupling (default)", dict())]
     side = vq.config.resolution // vq.spatial_compression
     tokens = side * side
-    print(f"nano model, {len(prompts)} prompts x {a.n} images, {tokens} tokens each, batch {a.batch}, "
-          f"{str(model.embed_tokens.weight.dtype).removeprefix('torch.')}; wall time per image, median of {a.repeat}; "
-          f"{machine()}")
+    print(f"nano model, {len(prompts)} prompts x {a.n} images, {tokens} tokens each, "
+          f"batch {a.batch}, {str(model.embed_tokens.weight.dtype).removeprefix('torch.')}; "
+          f"wall time per image, median of {a.repeat}; {machine()}")
 
     def run(s, j):
         times = []
         for _ in range(a.repeat):
             t0 = time.perf_counter()
-            out = sample.text_to_image(model, tok, vq, prompts, vq.config.resolution, a.n, 0, s, batch_size=a.batch,
-                                       decode=False, progress=False, jacobi=j)
+            out = sample.text_to_image(model, tok, vq, prompts, vq.config.resolution, a.n, 0, s,
+                                       batch_size=a.batch, decode=False, progress=False, jacobi=j)
             times.append(time.perf_counter() - t0)
         return statistics.median(times) / (len(prompts) * a.n), float(np.mean(out.forwards))
 
     hist, compression = {}, {}
     for name, s in settings.items():
         plain_s, _ = run(s, None)
-        print(f"\n{name}: plain decoding {tokens} forwards per image, {1e3 * plain_s:.1f} ms per image")
+        print(f"\n{name}: plain decoding {tokens} forwards per image, "
+              f"{1e3 * plain_s:.1f} ms per image")
         print(f"{'options':<34}" + "".join(f"{'W ' + str(w):>20}" for w in a.windows))
         for label, opts in options:
             cells = []
@@ -588,10 +643,11 @@ def bench_jacobi(a):
         ids = data_py.encode_prompts(tok, prompts * a.n)
         neg = data_py.encode_negative(tok, s.negative_prompt)
         first = model.args.vocab_size - vq.codebook_size
-        jacobi.generate(model, ids, neg, first, vq.codebook_size, tokens, list(range(len(ids))), s, Jacobi(),
-                        width=side, stats=stats, progress=False)
+        jacobi.generate(model, ids, neg, first, vq.codebook_size, tokens, list(range(len(ids))), s,
+                        Jacobi(), width=side, stats=stats, progress=False)
         hist[name.split(" (")[0]] = stats.committed
-    print("cells: fewer forwards than plain decoding (its forwards / ours), then its wall time / ours")
+    print("cells: fewer forwards than plain decoding (its forwards / ours), "
+          "then its wall time / ours")
     histogram_png(a.out, hist, f"nano model, window {Jacobi.window}, default options")
     print(f"wrote {a.out}")
 
@@ -599,7 +655,8 @@ def bench_jacobi(a):
     if a.layers:
         margs.n_layers = a.layers
     dtype = model_py.resolve_dtype(a.dtype, "cpu")[0]
-    big = random_model(margs, dtype, "cpu").prepare_decoding((margs.vocab_size - 64000, margs.vocab_size))
+    big = random_model(margs, dtype, "cpu").prepare_decoding((margs.vocab_size - 64000,
+                                                              margs.vocab_size))
     cost = {}
     with torch.inference_mode():
         for w in [1, *a.windows]:
@@ -607,47 +664,60 @@ def bench_jacobi(a):
             big.prefill([list(range(100, 130)), list(range(200, 235))])
             x = torch.randint(151672, margs.vocab_size, (2, w))
             pos = torch.arange(35, 35 + w).expand(2, w)
-            big(x, input_pos=pos, vocab=(margs.vocab_size - 64000, margs.vocab_size), kv_len=35 + w)
+            big(x, input_pos=pos, vocab=(margs.vocab_size - 64000, margs.vocab_size),
+                kv_len=35 + w)
             times = []
             for _ in range(a.repeat):
                 t0 = time.perf_counter()
-                big(x, input_pos=pos, vocab=(margs.vocab_size - 64000, margs.vocab_size), kv_len=35 + w)
+                big(x, input_pos=pos, vocab=(margs.vocab_size - 64000, margs.vocab_size),
+                    kv_len=35 + w)
                 times.append(time.perf_counter() - t0)
             cost[w] = statistics.median(times)
-    print(f"\nsimplear-0.5b shape ({margs.n_layers} layers), random weights, {str(dtype).removeprefix('torch.')}, CFG "
-          f"pair: a window forward against a one-token step ({1e3 * cost[1]:.1f} ms), and the wall-time speed-up the "
-          "nano compressions above would give (compression / cost)")
-    print(f"{'window':<8}{'ms':>8}{'x step':>8}" + "".join(f"{k.split(' (')[0] + ' speed-up':>24}" for k in compression))
+    print(f"\nsimplear-0.5b shape ({margs.n_layers} layers), random weights, "
+          f"{str(dtype).removeprefix('torch.')}, CFG pair: a window forward against a one-token "
+          f"step ({1e3 * cost[1]:.1f} ms), and the wall-time speed-up the nano compressions above "
+          "would give (compression / cost)")
+    print(f"{'window':<8}{'ms':>8}{'x step':>8}"
+          + "".join(f"{k.split(' (')[0] + ' speed-up':>24}" for k in compression))
     for w in a.windows:
         rel = cost[w] / cost[1]
-        print(f"{w:<8}{1e3 * cost[w]:>8.1f}{rel:>8.2f}" + "".join(f"{c[w] / rel:>24.2f}" for c in compression.values()))
+        print(f"{w:<8}{1e3 * cost[w]:>8.1f}{rel:>8.2f}"
+              + "".join(f"{c[w] / rel:>24.2f}" for c in compression.values()))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = Parser(prog="bench.py", description=__doc__.strip().splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("decode", help="the shipped decode loop per dtype (and int8, compiled) vs transformers")
+    p = sub.add_parser("decode",
+                       help="the shipped decode loop per dtype (and int8, compiled) "
+                       "vs transformers")
     p.add_argument("--model", default="simplear-0.5b", help="model.py preset")
-    p.add_argument("--layers", type=int, default=0, help="cut the model to this many layers (0: all)")
-    p.add_argument("--tokens", type=int, default=33, help="image tokens per run (the first comes from the prefill)")
+    p.add_argument("--layers", type=int, default=0,
+                   help="cut the model to this many layers (0: all)")
+    p.add_argument("--tokens", type=int, default=33,
+                   help="image tokens per run (the first comes from the prefill)")
     p.add_argument("--prompt-len", type=int, default=24)
     p.add_argument("--codebook", type=int, default=64000)
     p.add_argument("--cfg", type=float, default=6.0)
     p.add_argument("--repeat", type=int, default=3, help="runs per row; the median is reported")
     p.add_argument("--int8", action="store_true", help="add a row with int8 weights")
     p.add_argument("--compile", action="store_true", help="add a row with the compiled step")
-    p.add_argument("--no-transformers", dest="transformers", action="store_false", help="skip the reference path")
+    p.add_argument("--no-transformers", dest="transformers", action="store_false",
+                   help="skip the reference path")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=bench_decode)
 
     p = sub.add_parser("sample", help="seconds per image (LM and decoder) at several sizes")
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
     p.add_argument("--model", default="simplear-0.5b", help="model.py preset")
-    p.add_argument("--layers", type=int, default=0, help="cut the model to this many layers (0: all)")
-    p.add_argument("--preset", default="dv8x16x16", help="cosmos_tokenizer.py preset of the decoder")
+    p.add_argument("--layers", type=int, default=0,
+                   help="cut the model to this many layers (0: all)")
+    p.add_argument("--preset", default="dv8x16x16",
+                   help="cosmos_tokenizer.py preset of the decoder")
     p.add_argument("--prompt-len", type=int, default=30)
-    p.add_argument("--steps", type=int, default=16, help="decode steps timed at each end of the image")
+    p.add_argument("--steps", type=int, default=16,
+                   help="decode steps timed at each end of the image")
     p.add_argument("--full", action="store_true", help="time every step instead")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantize", choices=["int8"], default=None)
@@ -655,21 +725,24 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=bench_sample)
 
-    p = sub.add_parser("gpu", help="decode, 1024² image and Cosmos tables in one run (under 5 minutes on a GPU)")
+    p = sub.add_parser("gpu", help="decode, 1024² image and Cosmos tables in one run "
+                       "(under 5 minutes on a GPU)")
     p.add_argument("--model", default="simplear-0.5b")
     p.add_argument("--layers", type=int, default=0)
     p.add_argument("--tokens", type=int, default=129, help="decode tokens per run")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--preset", default="dv8x16x16")
-    p.add_argument("--full", action="store_true", help="time every step of the image (default: both ends)")
+    p.add_argument("--full", action="store_true",
+                   help="time every step of the image (default: both ends)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=bench_gpu)
 
     p = sub.add_parser("train", help="train.py tokens/s and MFU, 1 vs 2 processes")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch", type=int, default=4, help="global batch (sequences per step)")
-    p.add_argument("--size", type=int, default=256, help="image side: (size/16)^2 image tokens per sequence")
+    p.add_argument("--size", type=int, default=256,
+                   help="image side: (size/16)^2 image tokens per sequence")
     p.add_argument("--codebook", type=int, default=64000)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -679,11 +752,14 @@ def main(argv=None):
     p.set_defaults(func=bench_train)
 
     p = sub.add_parser("cosmos", help="Cosmos decoder: time and peak memory per code grid")
-    p.add_argument("--grids", type=int, nargs="+", default=[32, 64], help="grid sides (64 -> a 1024x1024 image)")
+    p.add_argument("--grids", type=int, nargs="+", default=[32, 64],
+                   help="grid sides (64 -> a 1024x1024 image)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeat", type=int, default=1, help="decodes per grid; the fastest is reported")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="decodes per grid; the fastest is reported")
     p.add_argument("--preset", default="dv8x16x16", help="architecture when no --ckpt is given")
-    p.add_argument("--ckpt", default=None, help="tokenizer directory (decoder.jit or ours) instead of random weights")
+    p.add_argument("--ckpt", default=None,
+                   help="tokenizer directory (decoder.jit or ours) instead of random weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="the dtype timed next to float32 (auto: the one sample.py picks here)")
@@ -692,23 +768,27 @@ def main(argv=None):
     p.add_argument("--save", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=bench_cosmos)
 
-    p = sub.add_parser("jacobi", help="speculative Jacobi decoding: forwards and wall time against plain decoding")
+    p = sub.add_parser("jacobi", help="speculative Jacobi decoding: forwards and wall time "
+                       "against plain decoding")
     p.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--n", type=int, default=4, help="images per prompt of recipes/nano_prompts.txt")
     p.add_argument("--batch", type=int, default=1, help="images per generate call")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--layers", type=int, default=0, help="layers of the SimpleAR-0.5B shape (0: all 24)")
+    p.add_argument("--layers", type=int, default=0,
+                   help="layers of the SimpleAR-0.5B shape (0: all 24)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--out", default="out/jacobi_hist.png", help="the accepted-length histogram")
     p.set_defaults(func=bench_jacobi)
 
-    p = sub.add_parser("int8", help="int8 weight-only quality: logits at the 0.5B shape, greedy codes of nano")
+    p = sub.add_parser("int8", help="int8 weight-only quality: logits at the 0.5B shape, "
+                       "greedy codes of nano")
     p.add_argument("--layers", type=int, default=4, help="layers of the SimpleAR-0.5B shape")
-    p.add_argument("--images", type=int, default=4, help="prompts of recipes/nano_prompts.txt, 64 tokens each")
+    p.add_argument("--images", type=int, default=4,
+                   help="prompts of recipes/nano_prompts.txt, 64 tokens each")
     p.set_defaults(func=bench_int8)
 
     args = parser.parse_args(argv)
-    args.func(args)
+    run_main("bench.py", args.func, args)
 
 
 if __name__ == "__main__":

@@ -11,17 +11,20 @@ command line turns it into the one line a user sees.
 import argparse
 import os
 import sys
+import warnings
 
 
 def fail(prog: str, message) -> None:
     """Print `{prog}: error: {message}` on one line of stderr and exit with status 2."""
-    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    # one write: lines of ranks that fail together under torchrun must not interleave
+    sys.stderr.write(f"{prog}: error: {' '.join(str(message).split())}\n")
+    sys.stderr.flush()
     raise SystemExit(2)
 
 
 def warn(prog: str, message) -> None:
     """Print `{prog}: warning: {message}` on one line of stderr."""
-    print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.stderr.write(f"{prog}: warning: {' '.join(str(message).split())}\n")
 
 
 class Parser(argparse.ArgumentParser):
@@ -32,11 +35,14 @@ class Parser(argparse.ArgumentParser):
 
 
 def run_main(prog: str, fn, *args):
-    """fn(*args), with bad input (ValueError, FileNotFoundError) turned into one line and exit 2."""
-    try:
-        return fn(*args)
-    except (ValueError, FileNotFoundError) as e:
-        fail(prog, e)
+    """fn(*args), with bad input (ValueError, FileNotFoundError) turned into one line and exit 2,
+    and the library's Python warnings shown as one `{prog}: warning:` line each."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_, **__: warn(prog, message)
+        try:
+            return fn(*args)
+        except (ValueError, FileNotFoundError) as e:
+            fail(prog, e)
 
 
 def write_atomic(path, save) -> None:

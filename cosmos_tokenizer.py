@@ -1,23 +1,31 @@
 """
 NVIDIA Cosmos-1.0-Tokenizer-DV8x16x16 (the visual tokenizer of SimpleAR) as plain nn.Modules.
 
-    python cosmos_tokenizer.py --ckpt checkpoints/Cosmos-1.0-Tokenizer-DV8x16x16 --image in.png --out rec.png
-    python cosmos_tokenizer.py --ckpt DIR --image in.png --out rec.png --size 512 --device cuda --dtype bfloat16
+    python cosmos_tokenizer.py --ckpt checkpoints/Cosmos-1.0-Tokenizer-DV8x16x16 --image in.png \\
+        --out rec.png
+    python cosmos_tokenizer.py --ckpt DIR --image in.png --out rec.png --size 512 --device cuda \\
+        --dtype bfloat16
     python -m pytest -q tests/test_cosmos_tokenizer.py
 
-An image is a one-frame video: [B, 3, H, W] in [-1, 1] -> a code grid [B, H/16, W/16] in 0..63,999 and back.
-The network is a causal video autoencoder: a 2-level 3D Haar patcher (4x in t, h, w), factorized (1x3x3 then
-3x1x1) causal convolutions, per-frame GroupNorm(1), hybrid down/upsamplers, spatial + causal temporal attention in
-the mid blocks, and FSQ with levels [8, 8, 8, 5, 5, 5]. Weights load by name from NVIDIA's TorchScript files
-(encoder.jit / decoder.jit / autoencoder.jit, bf16) or from our own config.json + model.safetensors.
-Notes on every block: /work/shared/reference/cosmos.md.
+An image is a one-frame video: [B, 3, H, W] in [-1, 1] -> a code grid [B, H/16, W/16] in
+0..63,999 and back. The network is a causal video autoencoder: a 2-level 3D Haar patcher (4x in t,
+h, w), factorized (1x3x3 then 3x1x1) causal convolutions, per-frame GroupNorm(1), hybrid
+down/upsamplers, spatial + causal temporal attention in the mid blocks, and FSQ with levels
+[8, 8, 8, 5, 5, 5]. Weights load by name from NVIDIA's TorchScript files (encoder.jit /
+decoder.jit / autoencoder.jit, bf16) or from our own config.json + model.safetensors.
+
+Sources: the model card of nvidia/Cosmos-1.0-Tokenizer-DV8x16x16 on Hugging Face, and NVIDIA's
+code in the NVIDIA/Cosmos-Tokenizer repository: cosmos_tokenizer/networks/configs.py (the
+constructor arguments), networks/discrete_video.py (CausalDiscreteVideoTokenizer and the
+encoder_jit / decoder_jit Sequentials, which set the key prefixes), modules/layers3d.py (the
+encoder, decoder and their blocks), modules/patching.py (the Haar patcher), modules/quantizers.py
+(FSQuantizer) and utils.py (tensor2numpy). The same package lives in NVIDIA/Cosmos under
+cosmos1/models/tokenizer/. How SimpleAR preprocesses images (ADM center crop, Normalize(0.5, 0.5)):
+wdrink/SimpleAR, simpar/data/extract_token.py.
 """
 
-import argparse
 import json
 import math
-import os
-import sys
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,13 +36,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from cli import Parser, run_main, write_atomic
+
 # -----------------------------------------------------------------------------
 # config
 
 
 @dataclass
 class CosmosConfig:
-    """NVIDIA's constructor arguments (networks/configs.py); the defaults are DV8x16x16."""
+    """NVIDIA's constructor arguments (cosmos_tokenizer/networks/configs.py); the defaults are
+    DV8x16x16."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -42,7 +53,8 @@ class CosmosConfig:
     channels_mult: list[int] = field(default_factory=lambda: [2, 4, 4])
     num_res_blocks: int = 2
     attn_resolutions: list[int] = field(default_factory=lambda: [32])
-    resolution: int = 1024  # only tracks where attn_resolutions apply; does not limit the input size
+    # only tracks where attn_resolutions apply; does not limit the input size
+    resolution: int = 1024
     dropout: float = 0.0
     patch_size: int = 4
     patch_method: str = "haar"
@@ -65,28 +77,34 @@ class CosmosConfig:
         for name in ("spatial_compression", "temporal_compression"):
             downs = self.num_downs(name)
             if not 0 <= downs <= max_downs:
-                raise ValueError(f"{name}={getattr(self, name)} needs {downs} resamplings after the "
-                                 f"patch_size={self.patch_size} patcher; channels_mult allows 0..{max_downs}")
-        n_spatial, n_temporal = self.num_downs("spatial_compression"), self.num_downs("temporal_compression")
+                raise ValueError(f"{name}={getattr(self, name)} needs {downs} resamplings after "
+                                 f"the patch_size={self.patch_size} patcher; channels_mult allows "
+                                 f"0..{max_downs}")
+        n_spatial = self.num_downs("spatial_compression")
+        n_temporal = self.num_downs("temporal_compression")
         ups = [self.up_flags(i) for i in range(1, len(self.channels_mult))]
         if sum(s for s, _ in ups) != n_spatial or sum(t for _, t in ups) != n_temporal:
-            raise ValueError(f"NVIDIA's decoder rule (legacy_mode={self.legacy_mode}) cannot undo {n_spatial} spatial "
-                             f"and {n_temporal} temporal downsamplings with channels_mult={self.channels_mult}")
+            raise ValueError(f"NVIDIA's decoder rule (legacy_mode={self.legacy_mode}) cannot undo "
+                             f"{n_spatial} spatial and {n_temporal} temporal downsamplings with "
+                             f"channels_mult={self.channels_mult}")
         if self.embedding_dim != len(self.levels):
-            raise ValueError(f"embedding_dim={self.embedding_dim} must equal len(levels)={len(self.levels)} "
-                             "(FSQ without projections)")
+            raise ValueError(f"embedding_dim={self.embedding_dim} must equal "
+                             f"len(levels)={len(self.levels)} (FSQ without projections)")
 
     def num_downs(self, name: str) -> int:
         return int(math.log2(getattr(self, name))) - int(math.log2(self.patch_size))
 
     def down_flags(self, i: int) -> tuple[bool, bool]:
-        """(spatial, temporal) downsampling after encoder level i < len(channels_mult) - 1: the first levels."""
+        """(spatial, temporal) downsampling after encoder level i < len(channels_mult) - 1: the
+        first levels."""
         return i < self.num_downs("spatial_compression"), i < self.num_downs("temporal_compression")
 
     def up_flags(self, i: int) -> tuple[bool, bool]:
-        """(spatial, temporal) upsampling after decoder level i >= 1, NVIDIA's DecoderFactorized rule. Non-legacy
-        (the released files): time is upsampled where the encoder downsampled it; legacy: at the coarsest levels."""
-        n_spatial, n_temporal = self.num_downs("spatial_compression"), self.num_downs("temporal_compression")
+        """(spatial, temporal) upsampling after decoder level i >= 1, NVIDIA's DecoderFactorized
+        rule. Non-legacy (the released files): time is upsampled where the encoder downsampled it;
+        legacy: at the coarsest levels."""
+        n_spatial = self.num_downs("spatial_compression")
+        n_temporal = self.num_downs("temporal_compression")
         rev = len(self.channels_mult) - 1 - i
         temporal = rev < n_temporal if self.legacy_mode else 0 < rev < n_temporal + 1
         return temporal or (rev < n_spatial and n_spatial > n_temporal), temporal
@@ -113,22 +131,27 @@ class CosmosConfig:
         return cls.from_dict(PRESETS[name])
 
 
-# Small presets keep DV8x16x16's architecture and compression (same code grid sizes), only narrower/shallower.
+# Small presets keep DV8x16x16's architecture and compression (same code grid sizes), only
+# narrower/shallower.
 PRESETS = {
     "dv8x16x16": {},
     "dv-small": {"channels": 32, "num_res_blocks": 1},
     "dv-tiny": {"channels": 8, "num_res_blocks": 1},
-    # the shipped nano model (train_vq.py): 64 px shapes -> 8x8 codes of 1,000; one frame (no time resampling)
-    "nano": {"channels": 32, "channels_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 64,
-             "spatial_compression": 8, "temporal_compression": 4, "levels": [8, 5, 5, 5], "embedding_dim": 4},
+    # the shipped nano model (train_vq.py): 64 px -> 8x8 codes of 1,000; one frame (no time
+    # resampling)
+    "nano": {"channels": 32, "channels_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
+             "resolution": 64, "spatial_compression": 8, "temporal_compression": 4,
+             "levels": [8, 5, 5, 5], "embedding_dim": 4},
 }
 
 # -----------------------------------------------------------------------------
-# Haar patcher: each 2x2x2 (t, h, w) block -> 8 bands, band bits (t, h, w), a high band negates the odd element.
+# Haar patcher: each 2x2x2 (t, h, w) block -> 8 bands, band bits (t, h, w), a high band negates
+# the odd element.
 
 
 def _haar_signs(device, dtype) -> torch.Tensor:
-    """[8 bands, 8 positions]: (-1)^popcount(band & position), bits ordered (t, h, w); symmetric, S @ S = 8 I."""
+    """[8 bands, 8 positions]: (-1)^popcount(band & position), bits ordered (t, h, w); symmetric,
+    S @ S = 8 I."""
     i = torch.arange(8)
     bits = torch.bitwise_and(i[:, None], i[None, :])
     odd = (bits & 1) ^ ((bits >> 1) & 1) ^ ((bits >> 2) & 1)
@@ -136,7 +159,8 @@ def _haar_signs(device, dtype) -> torch.Tensor:
 
 
 def haar_patch(x: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """[B, C, T, H, W] -> [B, C*p^3, (T+p-1)/p, H/p, W/p]; channel = band * C_in + c at every level."""
+    """[B, C, T, H, W] -> [B, C*p^3, (T+p-1)/p, H/p, W/p]; channel = band * C_in + c at every
+    level."""
     # The first frame stands alone: it is repeated to a full patch of p frames.
     x = torch.cat([x[:, :, :1].expand(-1, -1, patch_size - 1, -1, -1), x], dim=2)
     signs = _haar_signs(x.device, x.dtype) / 8
@@ -155,7 +179,8 @@ def haar_unpatch(x: torch.Tensor, patch_size: int) -> torch.Tensor:
         B, C8, T, H, W = x.shape
         C = C8 // 8
         x = torch.einsum("bqcthw,qp->bcthwp", x.reshape(B, 8, C, T, H, W), signs)
-        x = x.reshape(B, C, T, H, W, 2, 2, 2).permute(0, 1, 2, 5, 3, 6, 4, 7).reshape(B, C, 2 * T, 2 * H, 2 * W)
+        x = x.reshape(B, C, T, H, W, 2, 2, 2).permute(0, 1, 2, 5, 3, 6, 4, 7)
+        x = x.reshape(B, C, 2 * T, 2 * H, 2 * W)
     return x[:, :, patch_size - 1:]
 
 
@@ -164,7 +189,8 @@ def haar_unpatch(x: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 class CausalConv3d(nn.Module):
-    """Conv3d with causal time padding (copies of the first frame, none on the right) and zero space padding."""
+    """Conv3d with causal time padding (copies of the first frame, none on the right) and zero
+    space padding."""
 
     def __init__(self, cin, cout, kernel=(1, 1, 1), stride=1, time_stride=1, padding=0):
         super().__init__()
@@ -175,9 +201,10 @@ class CausalConv3d(nn.Module):
     def forward(self, x):
         conv = self.conv3d
         if x.shape[2] == 1 and self.time_pad > 0 and conv.stride[0] == 1:
-            # A lone frame padded with copies of itself: every time tap reads the same frame, so summing the taps
-            # is the same conv at a third of the cost and without the padded copy.
-            return F.conv3d(x, conv.weight.sum(2, keepdim=True), conv.bias, conv.stride, self.padding)
+            # A lone frame padded with copies of itself: every time tap reads the same frame, so
+            # summing the taps is the same conv at a third of the cost and without the padded copy.
+            weight = conv.weight.sum(2, keepdim=True)
+            return F.conv3d(x, weight, conv.bias, conv.stride, self.padding)
         if self.time_pad > 0:
             x = torch.cat([x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1), x], dim=2)
         return F.conv3d(x, conv.weight, conv.bias, conv.stride, self.padding)
@@ -185,11 +212,13 @@ class CausalConv3d(nn.Module):
 
 def factorized_conv(cin, cout):
     """3x3x3 conv factorized as a 1x3x3 spatial conv then a 3x1x1 causal temporal conv."""
-    return nn.Sequential(CausalConv3d(cin, cout, (1, 3, 3), padding=1), CausalConv3d(cout, cout, (3, 1, 1)))
+    return nn.Sequential(CausalConv3d(cin, cout, (1, 3, 3), padding=1),
+                         CausalConv3d(cout, cout, (3, 1, 1)))
 
 
 class CausalNormalize(nn.Module):
-    """GroupNorm(1) per frame: statistics over (C, H, W) of each frame, so no frame sees a later one."""
+    """GroupNorm(1) per frame: statistics over (C, H, W) of each frame, so no frame sees a later
+    one."""
 
     def __init__(self, channels):
         super().__init__()
@@ -218,7 +247,8 @@ class ResnetBlock(nn.Module):
 
 
 class _Attention(nn.Module):
-    """Single-head attention with 1x1x1 q/k/v/proj_out convs; subclasses choose what a sequence is."""
+    """Single-head attention with 1x1x1 q/k/v/proj_out convs; subclasses choose what a sequence
+    is."""
 
     def __init__(self, channels):
         super().__init__()
@@ -231,7 +261,8 @@ class _Attention(nn.Module):
     def forward(self, x):
         h = self.norm(x)
         q, k, v = (self.to_seq(m(h)) for m in (self.q, self.k, self.v))
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # scale C^-0.5 as in the reference
+        # scale C^-0.5, as NVIDIA's CausalAttnBlock
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return x + self.proj_out(self.from_seq(o, x.shape))
 
 
@@ -272,16 +303,19 @@ def attention_pair(channels):
 
 
 def _avg_pool(x, kt, ks):
-    """avg_pool3d with kernel = stride = (kt, ks, ks), trailing partial windows dropped; avg_pool3d itself has no
-    bf16 CPU kernel."""
+    """avg_pool3d with kernel = stride = (kt, ks, ks), trailing partial windows dropped;
+    avg_pool3d itself has no bf16 CPU kernel."""
     B, C, T, H, W = x.shape
-    T, H, W = T // kt, H // ks, W // ks
+    T = T // kt
+    H = H // ks
+    W = W // ks
     x = x[:, :, :T * kt, :H * ks, :W * ks]
     return x.reshape(B, C, T, kt, H, ks, W, ks).mean((3, 5, 7))
 
 
 class HybridDownsample(nn.Module):
-    """Strided conv + average pool, in space (1+2k frames stay, H/2) and/or time (1+2k -> 1+k frames).
+    """Strided conv + average pool, in space (1+2k frames stay, H/2) and/or time (1+2k -> 1+k
+    frames).
 
     A disabled branch has no conv at all, which is what the released files hold (no keys for it)."""
 
@@ -297,7 +331,8 @@ class HybridDownsample(nn.Module):
 
     def forward(self, x):
         if self.spatial:
-            x = F.pad(x, (0, 1, 0, 1))  # right/bottom only: output pixel i reads input rows 2i..2i+2
+            # right/bottom only: output pixel i reads input rows 2i..2i+2
+            x = F.pad(x, (0, 1, 0, 1))
             x = self.conv1(x) + _avg_pool(x, 1, 2)
         if self.temporal:
             x = torch.cat([x[:, :, :1], x], dim=2)
@@ -348,7 +383,8 @@ class Encoder(nn.Module):
         self.patch_size = cfg.patch_size
         c, mults = cfg.channels, cfg.channels_mult
         self.conv_in = factorized_conv(cfg.in_channels * cfg.patch_size ** 3, c)
-        # curr_res halves at every level, resampling or not, exactly as NVIDIA tracks it (decides attention)
+        # curr_res halves at every level, resampling or not, exactly as NVIDIA tracks it (it decides
+        # where attention goes)
         curr_res = cfg.resolution // cfg.patch_size
         block_in = c
         self.down = nn.ModuleList()
@@ -387,7 +423,8 @@ class Decoder(nn.Module):
     def __init__(self, cfg: CosmosConfig):
         super().__init__()
         self.patch_size = cfg.patch_size
-        c, mults, n = cfg.channels, cfg.channels_mult, len(cfg.channels_mult)
+        c, mults = cfg.channels, cfg.channels_mult
+        n = len(mults)
         block_in = c * mults[-1]
         curr_res = cfg.resolution // cfg.patch_size // 2 ** (n - 1)
         self.conv_in = factorized_conv(cfg.z_channels, block_in)
@@ -425,7 +462,8 @@ class Decoder(nn.Module):
 
 
 class FSQuantizer(nn.Module):
-    """Finite scalar quantization; index = sum_i digit_i * basis_i with channel 0 the least significant digit."""
+    """Finite scalar quantization; index = sum_i digit_i * basis_i with channel 0 the least
+    significant digit."""
 
     def __init__(self, levels):
         super().__init__()
@@ -438,7 +476,7 @@ class FSQuantizer(nn.Module):
 
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
         """[B, D, ...] -> codes [B, D, ...] in [-1, 1], float32; straight-through gradient."""
-        z = z.float()  # the reference promotes to fp32 here too (its constants are fp32 tensors)
+        z = z.float()  # NVIDIA's FSQuantizer promotes to fp32 too (its constants are fp32)
         L = self._per_channel(self.levels, z, z.ndim).float()
         half_l = (L - 1) * (1 + 1e-3) / 2
         offset = torch.where(L % 2 == 0, 0.5, 0.0)
@@ -464,19 +502,52 @@ class FSQuantizer(nn.Module):
         return codes, self.codes_to_indices(codes)
 
 
+def as_indices(indices, codebook_size: int) -> torch.Tensor:
+    """Code indices of any integer dtype (uint8/16/32/64, int8..int64), numpy or torch, as a long
+    tensor (on the input's device); ValueError for another dtype or a value outside
+    0..codebook_size-1. Code shards are stored as uint16, which most torch ops do not take."""
+    if isinstance(indices, np.ndarray):
+        if indices.dtype.kind not in "iu":
+            raise ValueError(f"indices must be of an integer dtype, got numpy {indices.dtype}")
+        lo, hi = (int(indices.min()), int(indices.max())) if indices.size else (0, 0)
+        # checked before the cast, which would wrap uint64 values past 2^63
+        _check_index_range(lo, hi, codebook_size)
+        return torch.from_numpy(indices.astype(np.int64))
+    if not torch.is_tensor(indices):
+        raise ValueError(f"indices must be a torch tensor or a numpy array, got "
+                         f"{type(indices).__name__}")
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise ValueError(f"indices must be of an integer dtype, got {indices.dtype}")
+    if indices.dtype == torch.uint64:  # the one that does not fit int64: range-check in numpy
+        return as_indices(indices.cpu().numpy(), codebook_size).to(indices.device)
+    indices = indices.long()  # uint16/uint32 have no min/max or comparison kernels
+    if indices.numel():
+        _check_index_range(int(indices.min()), int(indices.max()), codebook_size)
+    return indices
+
+
+def _check_index_range(lo: int, hi: int, codebook_size: int) -> None:
+    if lo < 0 or hi >= codebook_size:
+        raise ValueError(f"indices must lie in 0..{codebook_size - 1}, got {lo}..{hi}")
+
+
 # -----------------------------------------------------------------------------
 # the tokenizer
 
 JIT_FILES = ("encoder.jit", "decoder.jit", "autoencoder.jit")
 # Constant buffers of NVIDIA's patcher/quantizer that we compute on the fly instead of storing.
 JIT_BUFFERS = ("wavelets", "_arange", "patch_size_buffer", "_levels", "_basis", "implicit_codebook")
-_ENCODER_PREFIXES, _DECODER_PREFIXES = ("encoder.", "quant_conv."), ("decoder.", "post_quant_conv.")
+_ENCODER_PREFIXES = ("encoder.", "quant_conv.")
+_DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
+# video or not -> (what the input is called, its layout, its ndim)
+_PIXEL_LAYOUTS = {True: ("video", "[B, C, T, H, W]", 5), False: ("images", "[B, C, H, W]", 4)}
 
 
 class CosmosTokenizer(nn.Module):
     """encoder -> quant_conv -> FSQ indices, and indices -> codes -> post_quant_conv -> decoder.
 
-    Either half may be left out (encoder=False / decoder=False) to save memory; its attributes are then None."""
+    Either half may be left out (encoder=False / decoder=False) to save memory; its attributes are
+    then None."""
 
     def __init__(self, config: CosmosConfig, encoder: bool = True, decoder: bool = True):
         super().__init__()
@@ -487,7 +558,8 @@ class CosmosTokenizer(nn.Module):
         z_enc = config.z_factor * config.z_channels
         self.encoder = Encoder(config) if encoder else None
         self.quant_conv = CausalConv3d(z_enc, config.embedding_dim) if encoder else None
-        self.post_quant_conv = CausalConv3d(config.embedding_dim, config.z_channels) if decoder else None
+        self.post_quant_conv = (CausalConv3d(config.embedding_dim, config.z_channels)
+                                if decoder else None)
         self.decoder = Decoder(config) if decoder else None
 
     @property
@@ -505,11 +577,13 @@ class CosmosTokenizer(nn.Module):
     def _param(self):
         return next(self.parameters())
 
-    # --- video API: [B, 3, 1+8k, H, W] <-> [B, 1+k, H/16, W/16] -------------------------------------------------
+    # --- video API: [B, 3, 1+8k, H, W] <-> [B, 1+k, H/16, W/16] ------------------------------
 
     def _check_pixels(self, x: torch.Tensor, video: bool):
-        c, s, tc = self.config.in_channels, self.spatial_compression, self.temporal_compression
-        what, layout, ndim = ("video", "[B, C, T, H, W]", 5) if video else ("images", "[B, C, H, W]", 4)
+        c = self.config.in_channels
+        s = self.spatial_compression
+        tc = self.temporal_compression
+        what, layout, ndim = _PIXEL_LAYOUTS[video]
         if x.ndim != ndim or x.shape[1] != c:
             raise ValueError(f"{what} must be {layout} with C = {c}, got {list(x.shape)}")
         if not x.is_floating_point():
@@ -522,51 +596,58 @@ class CosmosTokenizer(nn.Module):
 
     @torch.inference_mode()
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        """float [B, C, T, H, W] in [-1, 1] (T = 1 + temporal_compression*k) -> long [B, t, H/16, W/16]."""
+        """float [B, C, T, H, W] in [-1, 1] (T = 1 + temporal_compression*k) -> long
+        [B, t, H/16, W/16]."""
         if self.encoder is None:
-            raise ValueError("this CosmosTokenizer has no encoder (load encoder.jit or autoencoder.jit to encode)")
+            raise ValueError("this CosmosTokenizer has no encoder (load encoder.jit or "
+                             "autoencoder.jit to encode)")
         self._check_pixels(video, video=True)
         p = self._param()
         z = self.quant_conv(self.encoder(video.to(device=p.device, dtype=p.dtype)))
         return self.quantizer(z)[1]
 
     @torch.inference_mode()
-    def decode_video(self, indices: torch.Tensor) -> torch.Tensor:
-        """long [B, t, h, w] in 0..codebook_size-1 -> float32 [B, C, 1+8(t-1), 16h, 16w], about [-1, 1]."""
+    def decode_video(self, indices) -> torch.Tensor:
+        """[B, t, h, w] in 0..codebook_size-1, of any integer dtype (numpy or torch) -> float32
+        [B, C, 1+8(t-1), 16h, 16w], about [-1, 1]."""
         if self.decoder is None:
-            raise ValueError("this CosmosTokenizer has no decoder (load decoder.jit or autoencoder.jit to decode)")
+            raise ValueError("this CosmosTokenizer has no decoder (load decoder.jit or "
+                             "autoencoder.jit to decode)")
+        indices = as_indices(indices, self.codebook_size)
         if indices.ndim != 4:
             raise ValueError(f"indices must be [B, t, h, w], got {list(indices.shape)}")
-        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
-            raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
-        if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
-            raise ValueError(f"indices must lie in 0..{self.codebook_size - 1}, "
-                             f"got {int(indices.min())}..{int(indices.max())}")
         p = self._param()
         codes = self.quantizer.indices_to_codes(indices.to(p.device)).to(p.dtype)
         return self.decoder(self.post_quant_conv(codes)).float()
 
-    # --- image API: one-frame videos -------------------------------------------------------------------------------
+    # --- image API: one-frame videos ----------------------------------------------------------
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """float [B, 3, H, W] in [-1, 1] (H, W multiples of 16) -> long [B, H/16, W/16] on the model's device."""
+        """float [B, 3, H, W] in [-1, 1] (H, W multiples of 16) -> long [B, H/16, W/16] on the
+        model's device."""
         self._check_pixels(images, video=False)
         return self.encode_video(images.unsqueeze(2))[:, 0]
 
-    def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """long [B, h, w] -> float32 [B, 3, 16h, 16w], about [-1, 1] and not clamped."""
+    def decode(self, indices) -> torch.Tensor:
+        """[B, h, w] of any integer dtype (uint8/16/32/64, int8..int64; numpy or torch) -> float32
+        [B, 3, 16h, 16w], about [-1, 1] and not clamped. A value outside 0..codebook_size-1 is a
+        ValueError naming the range."""
+        indices = as_indices(indices, self.codebook_size)
         if indices.ndim != 3:
             raise ValueError(f"indices must be [B, h, w], got {list(indices.shape)}")
         return self.decode_video(indices.unsqueeze(1))[:, :, 0]
 
-    # --- loading and saving ----------------------------------------------------------------------------------------
+    # --- loading and saving -------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, encoder=None, decoder=None):
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, encoder=None,
+                        decoder=None):
         """Load from NVIDIA's .jit files or from our config.json + model.safetensors.
 
-        path: a directory holding encoder.jit and/or decoder.jit (else autoencoder.jit), or model.safetensors.
-        config: CosmosConfig or preset name; default: the directory's config.json, else dv8x16x16.
+        path: a directory holding encoder.jit and/or decoder.jit (else autoencoder.jit), or
+        model.safetensors.
+        config: CosmosConfig or preset name; default: the directory's config.json (a UTF-8
+        byte-order mark allowed), else dv8x16x16.
         encoder / decoder: True = required, False = skip, None = load if the directory has it.
         """
         path = Path(path)
@@ -574,7 +655,8 @@ class CosmosTokenizer(nn.Module):
             raise FileNotFoundError(f"tokenizer directory not found: {path}")
         dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
+            raise ValueError(f"dtype must be a floating torch.dtype such as torch.float32, "
+                             f"got {dtype!r}")
         config, config_origin = _resolve_config(path, config)
         wants = {"encoder": encoder, "decoder": decoder}
         serves = {}  # file -> the halves taken from it
@@ -584,18 +666,21 @@ class CosmosTokenizer(nn.Module):
             serves[file] = {_half_of(k) for k in tensors[file]} - {None}
         else:
             for half, want in wants.items():
-                own, full = path / f"{half}.jit", path / "autoencoder.jit"
+                own = path / f"{half}.jit"
+                full = path / "autoencoder.jit"
                 # The separate files are smaller; autoencoder.jit also holds both halves.
                 file = own if own.is_file() else full if full.is_file() else None
                 if want is not False and file is not None:
                     serves.setdefault(file, set()).add(half)
             if not serves and not any((path / f).is_file() for f in JIT_FILES):
-                raise FileNotFoundError(f"{path} has none of {', '.join(JIT_FILES)} or model.safetensors")
+                raise FileNotFoundError(f"{path} has none of {', '.join(JIT_FILES)} or "
+                                        "model.safetensors")
             tensors = {file: _read_jit(file) for file in serves}
         found = set().union(*serves.values())
         for half, want in wants.items():
             if want and half not in found:
-                raise FileNotFoundError(f"{path}: no {half} weights ({half}.jit, autoencoder.jit or model.safetensors)")
+                raise FileNotFoundError(f"{path}: no {half} weights ({half}.jit, autoencoder.jit "
+                                        "or model.safetensors)")
         halves = {h for h in found if wants[h] is not False}
         if not halves:
             raise ValueError(f"{path}: nothing to load with encoder={encoder}, decoder={decoder}")
@@ -604,18 +689,21 @@ class CosmosTokenizer(nn.Module):
               if _half_of(k) is None or _half_of(k) in serves[file] & halves}
         with torch.device("meta"):
             model = cls(config, encoder="encoder" in halves, decoder="decoder" in halves)
-        _load_exact(model, sd, f"{', '.join(str(f) for f in tensors)} with {config_origin}", dtype, device)
+        source = f"{', '.join(str(f) for f in tensors)} with {config_origin}"
+        _load_exact(model, sd, source, dtype, device)
         return model.eval()
 
     def save_pretrained(self, path):
-        """Write config.json and model.safetensors (each via a temporary name, then renamed)."""
+        """Write model.safetensors, then config.json, each through cli.write_atomic (a temporary
+        name, then renamed)."""
         from safetensors.torch import save_file
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(path / "model.safetensors", lambda tmp: save_file(sd, str(tmp)))
-        cfg = {"model_type": "cosmos_tokenizer", **self.config.to_dict()}
-        _atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(cfg, indent=2) + "\n"))
+        write_atomic(path / "model.safetensors", lambda tmp: save_file(sd, tmp))
+        cfg = json.dumps({"model_type": "cosmos_tokenizer", **self.config.to_dict()}, indent=2)
+        write_atomic(path / "config.json",
+                     lambda tmp: Path(tmp).write_text(cfg + "\n", encoding="utf-8"))
 
 
 def _resolve_config(path: Path, config) -> tuple[CosmosConfig, str]:
@@ -627,19 +715,23 @@ def _resolve_config(path: Path, config) -> tuple[CosmosConfig, str]:
     cfg_file = path / "config.json"
     if cfg_file.is_file():
         try:
-            d = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
+            d = json.loads(cfg_file.read_text(encoding="utf-8-sig"))  # a byte-order mark is no JSON
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
-        # A config.json of another tool next to NVIDIA's .jit files is not ours; only ours carries this tag.
+        # A config.json of another tool next to NVIDIA's .jit files is not ours; only ours carries
+        # this tag.
         if isinstance(d, dict) and d.get("model_type") == "cosmos_tokenizer":
             return CosmosConfig.from_dict(d), str(cfg_file)
         if (path / "model.safetensors").is_file():
             raise ValueError(f"{cfg_file}: not a cosmos_tokenizer config (model_type missing)")
-    return CosmosConfig.from_name("dv8x16x16"), "preset dv8x16x16 (no cosmos_tokenizer config.json; pass config=)"
+    return (CosmosConfig.from_name("dv8x16x16"),
+            "preset dv8x16x16 (no cosmos_tokenizer config.json; pass config=)")
 
 
 def _half_of(key: str):
-    return "encoder" if key.startswith(_ENCODER_PREFIXES) else "decoder" if key.startswith(_DECODER_PREFIXES) else None
+    if key.startswith(_ENCODER_PREFIXES):
+        return "encoder"
+    return "decoder" if key.startswith(_DECODER_PREFIXES) else None
 
 
 def _read_safetensors(file: Path) -> dict:
@@ -653,9 +745,10 @@ def _read_safetensors(file: Path) -> dict:
 def _read_jit(file: Path) -> dict:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # NVIDIA ships TorchScript; there is no other format
+            # NVIDIA ships TorchScript; there is no other format
+            warnings.simplefilter("ignore", DeprecationWarning)
             sd = torch.jit.load(str(file), map_location="cpu").state_dict()
-    except Exception as e:  # torch raises RuntimeError/ValueError/... depending on how the archive is broken
+    except Exception as e:  # torch raises RuntimeError/ValueError/... as the archive is broken
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{file}: not a readable TorchScript file ({msg})") from e
     return {k: v for k, v in sd.items() if k.rsplit(".", 1)[-1] not in JIT_BUFFERS}
@@ -671,23 +764,17 @@ def _load_exact(model: nn.Module, sd: dict, source: str, dtype, device):
                  f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else ""]
         hint = ""
         if all("sample.conv" in k for k in missing + unexpected):
-            hint = "; the hybrid up/downsample layout differs: check legacy_mode and the compression settings"
+            hint = ("; the hybrid up/downsample layout differs: check legacy_mode and the "
+                    "compression settings")
         raise ValueError(f"{source}: weights do not match the tokenizer layout: "
                          f"{', '.join(p for p in parts if p)}{hint}")
     for k, v in expected.items():
         if tuple(sd[k].shape) != tuple(v.shape):
-            raise ValueError(f"{source}: {k} has shape {list(sd[k].shape)}, the config expects {list(v.shape)}")
-    sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
+            raise ValueError(f"{source}: {k} has shape {list(sd[k].shape)}, the config expects "
+                             f"{list(v.shape)}")
+    sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+          for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
-
-
-def _atomic_write(final: Path, write):
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -----------------------------------------------------------------------------
@@ -695,24 +782,28 @@ def _atomic_write(final: Path, write):
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
-    """ADM center crop (SimpleAR's preprocessing): halve with BOX while possible, BICUBIC resize, crop the middle."""
+    """ADM center crop (SimpleAR's preprocessing, simpar/data/extract_token.py): halve with BOX
+    while possible, BICUBIC resize, crop the middle."""
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     scale = size / min(img.size)
     img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
     arr = np.asarray(img)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    top = (arr.shape[0] - size) // 2
+    left = (arr.shape[1] - size) // 2
     return Image.fromarray(arr[top:top + size, left:left + size])
 
 
 def pil_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """PIL image -> float32 [3, size, size] in [-1, 1] (ToTensor then Normalize(0.5, 0.5), as SimpleAR)."""
+    """PIL image -> float32 [3, size, size] in [-1, 1] (ToTensor then Normalize(0.5, 0.5), as
+    SimpleAR)."""
     arr = np.asarray(center_crop(img.convert("RGB"), size), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
 
 
 def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] (or [3, H, W]) about [-1, 1] -> uint8 [B, H, W, 3], rounded like Cosmos' tensor2numpy."""
+    """[B, 3, H, W] (or [3, H, W]) about [-1, 1] -> uint8 [B, H, W, 3], rounded like Cosmos'
+    tensor2numpy (cosmos_tokenizer/utils.py)."""
     if x.ndim == 3:
         x = x[None]
     x = ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
@@ -732,47 +823,64 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 # -----------------------------------------------------------------------------
 # command line: image -> codes -> image
 
+PROG = "cosmos_tokenizer.py"
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Round-trip an image through the Cosmos tokenizer.")
-    parser.add_argument("--ckpt", required=True, help="directory with encoder.jit + decoder.jit, or ours")
-    parser.add_argument("--image", required=True, help="input image (any size; ADM center crop to --size)")
-    parser.add_argument("--out", required=True, help="reconstruction PNG to write")
-    parser.add_argument("--size", type=int, default=1024, help="square input size, a multiple of 16")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16 for GPUs")
-    parser.add_argument("--config", default=None, help=f"preset for .jit directories: {', '.join(PRESETS)}")
-    args = parser.parse_args(argv)
+
+def get_parser() -> Parser:
+    p = Parser(prog=PROG, description="Round-trip an image through the Cosmos tokenizer.")
+    p.add_argument("--ckpt", required=True,
+                   help="directory with encoder.jit + decoder.jit, or ours")
+    p.add_argument("--image", required=True,
+                   help="input image (any size; ADM center crop to --size)")
+    p.add_argument("--out", required=True, help="reconstruction PNG to write")
+    p.add_argument("--size", type=int, default=1024,
+                   help="square input size, a multiple of the spatial compression (16)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16 for GPUs")
+    p.add_argument("--config", default=None,
+                   help=f"preset for .jit directories: {', '.join(PRESETS)}")
+    return p
+
+
+def run(args):
+    """The round trip of one image; bad input raises ValueError / FileNotFoundError."""
+    if args.size <= 0:
+        raise ValueError(f"--size {args.size} must be >= 1")
     try:
-        if args.size <= 0 or args.size % 16:
-            raise ValueError(f"--size {args.size} must be a positive multiple of 16")
-        try:
-            img = Image.open(args.image)
-            img.load()
-        except OSError as e:
-            raise ValueError(f"cannot read image {args.image}: {e}") from e
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as e:
-            raise ValueError(f"--device {args.device}: {e}") from e
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: no CUDA device available")
-        out_path = Path(args.out)
-        if not out_path.parent.is_dir():
-            raise FileNotFoundError(f"output directory not found: {out_path.parent}")
-        x = pil_to_tensor(img, args.size)
-        tok = CosmosTokenizer.from_pretrained(args.ckpt, dtype=args.dtype, device=device, config=args.config,
-                                              encoder=True, decoder=True)
-        codes = tok.encode(x[None])
-        rec = tok.decode(codes)
-        out = tensor_to_pil(rec)[0]
-        _atomic_write(out_path, lambda tmp: out.save(tmp, format="PNG"))
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        img = Image.open(args.image)
+        img.load()
+    except OSError as e:
+        raise ValueError(f"cannot read image {args.image}: {e}") from e
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device available")
+    out_path = Path(args.out)
+    if not out_path.parent.is_dir():
+        raise FileNotFoundError(f"output directory not found: {out_path.parent}")
+    tok = CosmosTokenizer.from_pretrained(args.ckpt, dtype=args.dtype, device=device,
+                                          config=args.config, encoder=True, decoder=True)
+    if args.size % tok.spatial_compression:
+        raise ValueError(f"--size {args.size} must be a multiple of the tokenizer's spatial "
+                         f"compression {tok.spatial_compression}")
+    x = pil_to_tensor(img, args.size)
+    codes = tok.encode(x[None])
+    rec = tok.decode(codes)
+    out = tensor_to_pil(rec)[0]
+    try:
+        write_atomic(out_path, lambda tmp: out.save(tmp, format="PNG"))
+    except OSError as e:
+        raise ValueError(f"cannot write {out_path}: {e}") from e
     h, w = codes.shape[1:]
     print(f"tokens: {h}x{w} = {h * w} codes in 0..{tok.codebook_size - 1}")
     print(f"PSNR: {psnr(tensor_to_uint8(x), tensor_to_uint8(rec)):.2f} dB -> {args.out}")
+
+
+def main(argv=None):
+    run_main(PROG, run, get_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -26,11 +26,14 @@ kernels' reductions group keys by column, not by how many other rows happen to h
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from cli import write_atomic
 
 
 @dataclass
@@ -478,6 +481,11 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
+        """A Hugging Face Qwen2 directory (config.json, model.safetensors or shards), strictly: a
+        missing or unexpected key, or a shape that differs, is a ValueError naming the key and both
+        shapes. The head is tied to the embedding unless the file holds an lm_head.weight of its
+        own that differs from it, as transformers (>= 5) loads it: a tied config with a different
+        head in the file uses that head. Older files' rotary_emb.inv_freq buffers are skipped."""
         path = str(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
@@ -485,14 +493,18 @@ class Transformer(nn.Module):
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"no config.json in {path}")
         try:
-            with open(cfg_path) as f:
+            with open(cfg_path, encoding="utf-8-sig") as f:
                 cfg = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
         args = ModelArgs.from_hf_config(cfg)
         tensors = read_safetensors(path)
-        # tied unless the config unties it and the file holds its own head, as Qwen2.5-Instruct is
-        args.tie_word_embeddings = args.tie_word_embeddings or "lm_head.weight" not in tensors
+        # a buffer transformers < 4.40 saved and recomputes on load: never a weight
+        tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+        head = tensors.get("lm_head.weight")
+        embed = tensors.get("model.embed_tokens.weight")
+        same = head is not None and embed is not None and torch.equal(head, embed)
+        args.tie_word_embeddings = head is None or (args.tie_word_embeddings and same)
         if args.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
         with torch.device("meta"):
@@ -515,20 +527,20 @@ class Transformer(nn.Module):
         return model.eval()
 
     def save_pretrained(self, path):
-        """config.json + model.safetensors in Hugging Face Qwen2 layout; files land by rename."""
+        """config.json + model.safetensors in Hugging Face Qwen2 layout, each written under a
+        temporary name and renamed (cli.write_atomic)."""
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         state = {self.hf_key(k): v.detach().contiguous().cpu()
                  for k, v in self.state_dict().items()}
-        dtype = self.embed_tokens.weight.dtype
-        save_file(state, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
-        with open(os.path.join(path, "config.json.tmp"), "w") as f:
-            json.dump(self.args.to_hf_config(dtype), f, indent=2)
-        if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
-            # stale shards would shadow ours
-            os.remove(os.path.join(path, "model.safetensors.index.json"))
-        for name in ("model.safetensors", "config.json"):
-            os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
+        config = json.dumps(self.args.to_hf_config(self.embed_tokens.weight.dtype), indent=2)
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            os.remove(index)  # stale shards would shadow ours
+        write_atomic(os.path.join(path, "model.safetensors"),
+                     lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        write_atomic(os.path.join(path, "config.json"),
+                     lambda tmp: Path(tmp).write_text(config))
 
     def num_params(self, non_embedding=False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -544,7 +556,7 @@ def read_safetensors(path: str) -> dict:
     if os.path.isfile(single):
         files = [single]
     elif os.path.isfile(index):
-        with open(index) as f:
+        with open(index, encoding="utf-8-sig") as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
             files = [os.path.join(path, s) for s in shards]
     else:

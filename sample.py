@@ -541,7 +541,7 @@ def read_prompts(args):
     if args.prompts_file:
         if not os.path.isfile(args.prompts_file):
             raise FileNotFoundError(f"prompts file not found: {args.prompts_file}")
-        with open(args.prompts_file, encoding="utf-8") as f:
+        with open(args.prompts_file, encoding="utf-8-sig") as f:  # a byte-order mark is no prompt
             prompts += [line.strip() for line in f if line.strip()]
     return prompts
 

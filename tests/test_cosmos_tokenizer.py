@@ -1,5 +1,6 @@
 """
-Tests for cosmos_tokenizer.py (CPU, small presets; the full-size DV8x16x16 is only built on the meta device).
+Tests for cosmos_tokenizer.py (CPU, small presets; the full-size DV8x16x16 is only built on the meta
+device).
 
     python -m pytest -q tests/test_cosmos_tokenizer.py
 """
@@ -18,12 +19,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from cosmos_tokenizer import (JIT_BUFFERS, CausalConv3d, CosmosConfig, CosmosTokenizer, FSQuantizer, center_crop,
-                              haar_patch, haar_unpatch, main, pil_to_tensor, psnr, tensor_to_pil, tensor_to_uint8)
+from cosmos_tokenizer import (JIT_BUFFERS, CausalConv3d, CosmosConfig, CosmosTokenizer, FSQuantizer,
+                              as_indices, center_crop, haar_patch, haar_unpatch, main,
+                              pil_to_tensor, psnr, tensor_to_pil, tensor_to_uint8)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
-# shared/ lies beside the checkout, in development and in CI alike
-KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "cosmos_dv8x16x16_keys.tsv"
+# Optional: every key and shape of NVIDIA's module tree, where a shared/ folder lies beside the
+# checkout; RELEASE_DIGESTS below holds the same in the repository.
+KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "reference"
+KEYS_TSV = KEYS_TSV / "cosmos_dv8x16x16_keys.tsv"
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,7 @@ def rand_images(b, size, seed=0):
     return torch.rand(b, 3, size, size, generator=g) * 2 - 1
 
 
-# --- FSQ ----------------------------------------------------------------------------------------------------------
+# --- FSQ ------------------------------------------------------------------------------------------
 
 
 def test_fsq_every_index_round_trips_through_its_code():
@@ -72,12 +76,13 @@ def test_fsq_quantizes_any_latent_to_a_valid_code():
     assert torch.equal(q.indices_to_codes(idx), codes)
 
 
-# --- Haar patcher --------------------------------------------------------------------------------------------------
+# --- Haar patcher ---------------------------------------------------------------------------------
 
 
 def wavelet_reference(x):
-    """Two levels of the 3D Haar DWT written as NVIDIA defines it: 1/sqrt(2) low/high filters per axis (t, h, w),
-    bands concatenated lll..hhh, each level rescaled by 1/(2 sqrt 2); the first frame is repeated 4 times first."""
+    """Two levels of the 3D Haar DWT written as NVIDIA defines it (modules/patching.py of
+    NVIDIA/Cosmos-Tokenizer): 1/sqrt(2) low/high filters per axis (t, h, w), bands concatenated
+    lll..hhh, each level rescaled by 1/(2 sqrt 2); the first frame is repeated 4 times first."""
     def split(v, dim):
         a, b = v.unfold(dim, 2, 2).unbind(-1)
         return (a + b) / math.sqrt(2), (a - b) / math.sqrt(2)
@@ -107,10 +112,11 @@ def test_single_frame_conv_shortcut_equals_padded_conv():
     conv = CausalConv3d(4, 5, (3, 1, 1))
     x = torch.randn(2, 4, 1, 6, 6)
     padded = x.repeat(1, 1, 3, 1, 1)  # causal pad: two copies of the first frame
-    torch.testing.assert_close(conv(x), F.conv3d(padded, conv.conv3d.weight, conv.conv3d.bias), rtol=1e-5, atol=1e-5)
+    expected = F.conv3d(padded, conv.conv3d.weight, conv.conv3d.bias)
+    torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
 
 
-# --- shapes and causality ------------------------------------------------------------------------------------------
+# --- shapes and causality -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("size", [512, 1024])
@@ -128,16 +134,19 @@ def test_video_shapes_and_causality(tiny):
     idx = tiny.encode_video(video)
     assert idx.shape == (1, 3, 4, 4)
     assert tiny.decode_video(idx).shape == (1, 3, 17, 64, 64)
-    # causal: the first latent frame sees only the first frame, the first output frame only the first latent frame
+    # causal: the first latent frame sees only the first frame, the first output frame only the
+    # first latent frame
     with torch.inference_mode():
         z_video = tiny.quant_conv(tiny.encoder(video))
         z_image = tiny.quant_conv(tiny.encoder(video[:, :, :1]))
     torch.testing.assert_close(z_video[:, :, :1], z_image, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(tiny.decode_video(idx)[:, :, 0], tiny.decode(idx[:, 0]), rtol=1e-4, atol=1e-4)
+    first = tiny.decode_video(idx)[:, :, 0]
+    torch.testing.assert_close(first, tiny.decode(idx[:, 0]), rtol=1e-4, atol=1e-4)
 
 
 def test_other_compressions_keep_their_shapes():
-    for kw, frames, latent in [({"temporal_compression": 4}, 9, (3, 4, 4)), ({"spatial_compression": 8}, 9, (2, 8, 8)),
+    for kw, frames, latent in [({"temporal_compression": 4}, 9, (3, 4, 4)),
+                               ({"spatial_compression": 8}, 9, (2, 8, 8)),
                                ({"spatial_compression": 8, "legacy_mode": True}, 17, (3, 8, 8))]:
         tok = CosmosTokenizer(CosmosConfig(channels=4, num_res_blocks=1, **kw)).eval()
         idx = tok.encode_video(torch.zeros(1, 3, frames, 64, 64))
@@ -145,12 +154,14 @@ def test_other_compressions_keep_their_shapes():
         assert tok.decode_video(idx).shape == (1, 3, frames, 64, 64), kw
 
 
-# --- the released DV8x16x16 layout ---------------------------------------------------------------------------------
+# --- the released DV8x16x16 layout ----------------------------------------------------------------
 
 
-# Digest of the sorted "key<TAB>AxBxC" lines of cosmos_dv8x16x16_keys.tsv per file, buffers left out, so that the
-# test also runs where shared/ is absent; with the .tsv present the comparison is key by key.
-RELEASE_DIGESTS = {"encoder.jit": (142, "fff577c026501ff4"), "decoder.jit": (176, "e4565f230e4bff3d"),
+# Digest of the sorted "key<TAB>AxBxC" lines of cosmos_dv8x16x16_keys.tsv per file, buffers left
+# out, so that the test also runs where shared/ is absent; with the .tsv present the comparison is
+# key by key.
+RELEASE_DIGESTS = {"encoder.jit": (142, "fff577c026501ff4"),
+                   "decoder.jit": (176, "e4565f230e4bff3d"),
                    "autoencoder.jit": (318, "30369399cd072fef")}
 
 
@@ -164,26 +175,30 @@ def release_keys(file):
     return keys
 
 
-@pytest.mark.parametrize("file,encoder,decoder", [("encoder.jit", True, False), ("decoder.jit", False, True),
+@pytest.mark.parametrize("file,encoder,decoder", [("encoder.jit", True, False),
+                                                  ("decoder.jit", False, True),
                                                   ("autoencoder.jit", True, True)])
 def test_dv8x16x16_tree_has_exactly_the_release_keys(file, encoder, decoder):
+    config = CosmosConfig.from_name("dv8x16x16")
     with torch.device("meta"):
-        model = CosmosTokenizer(CosmosConfig.from_name("dv8x16x16"), encoder=encoder, decoder=decoder)
+        model = CosmosTokenizer(config, encoder=encoder, decoder=decoder)
     keys = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if KEYS_TSV.is_file():
         assert keys == release_keys(file)
     lines = sorted(f"{k}\t{'x'.join(map(str, shape))}" for k, shape in keys.items())
-    assert (len(lines), hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]) == RELEASE_DIGESTS[file]
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+    assert (len(lines), digest) == RELEASE_DIGESTS[file]
     if file == "autoencoder.jit":
         assert sum(p.numel() for p in model.parameters()) == 110_898_294
         assert model.codebook_size == 64000 and model.spatial_compression == 16
 
 
-# --- loading through real TorchScript files ------------------------------------------------------------------------
+# --- loading through real TorchScript files -------------------------------------------------------
 
 
 class Buffers(nn.Module):
-    """Holds constant buffers like the ones NVIDIA's patcher and quantizer put into the .jit files."""
+    """Holds constant buffers like the ones NVIDIA's patcher and quantizer put into the .jit
+    files."""
 
     def __init__(self, **buffers):
         super().__init__()
@@ -206,8 +221,11 @@ class EncoderJit(nn.Module):
 
     def __init__(self, tok):
         super().__init__()
-        self.encoder, self.quant_conv, self.fsq = tok.encoder, tok.quant_conv, tok.quantizer
-        self.encoder.patcher3d = wavelet_buffers(patch_size_buffer=torch.tensor([4], dtype=torch.int32))
+        self.encoder = tok.encoder
+        self.quant_conv = tok.quant_conv
+        self.fsq = tok.quantizer
+        patch_size = torch.tensor([4], dtype=torch.int32)
+        self.encoder.patcher3d = wavelet_buffers(patch_size_buffer=patch_size)
         self.quantizer = fsq_buffers(tok.quantizer)
 
     def forward(self, x):
@@ -222,7 +240,9 @@ class DecoderJit(nn.Module):
         super().__init__()
         self.inv_quant = nn.Module()
         self.inv_quant.quantizer = fsq_buffers(tok.quantizer)
-        self.post_quant_conv, self.decoder, self.fsq = tok.post_quant_conv, tok.decoder, tok.quantizer
+        self.post_quant_conv = tok.post_quant_conv
+        self.decoder = tok.decoder
+        self.fsq = tok.quantizer
         self.decoder.unpatcher3d = wavelet_buffers()
 
     def forward(self, idx):
@@ -233,9 +253,14 @@ class DecoderJit(nn.Module):
 class AutoencoderJit(nn.Module):
     def __init__(self, tok):
         super().__init__()
-        enc, dec = EncoderJit(tok), DecoderJit(tok)
-        self.encoder, self.quant_conv, self.quantizer = enc.encoder, enc.quant_conv, enc.quantizer
-        self.post_quant_conv, self.decoder, self.fsq = dec.post_quant_conv, dec.decoder, tok.quantizer
+        enc = EncoderJit(tok)
+        dec = DecoderJit(tok)
+        self.encoder = enc.encoder
+        self.quant_conv = enc.quant_conv
+        self.quantizer = enc.quantizer
+        self.post_quant_conv = dec.post_quant_conv
+        self.decoder = dec.decoder
+        self.fsq = tok.quantizer
 
     def forward(self, x):
         codes, _ = self.fsq(self.quant_conv(self.encoder(x)))
@@ -244,7 +269,8 @@ class AutoencoderJit(nn.Module):
 
 def save_jit(wrapper, example, file):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # shape-dependent Python branches are fine: only the weights are read back
+        # shape-dependent Python branches are fine: only the weights are read back
+        warnings.simplefilter("ignore")
         traced = torch.jit.trace(wrapper, example, check_trace=False)
     traced.save(str(file))
     return traced
@@ -252,18 +278,22 @@ def save_jit(wrapper, example, file):
 
 @pytest.fixture(scope="module")
 def jit_dir(tiny, tmp_path_factory):
-    """encoder.jit / decoder.jit traced in bf16 from the tiny model, plus the bf16-rounded model in fp32."""
+    """encoder.jit / decoder.jit traced in bf16 from the tiny model, plus the bf16-rounded model in
+    fp32."""
     d = tmp_path_factory.mktemp("jit")
     tok16 = copy.deepcopy(tiny).to(torch.bfloat16)
     image = rand_images(1, 64, seed=1)
-    enc = save_jit(EncoderJit(copy.deepcopy(tok16)), image[:, :, None].bfloat16(), d / "encoder.jit")
-    dec = save_jit(DecoderJit(copy.deepcopy(tok16)), torch.randint(0, 64000, (1, 1, 4, 4)), d / "decoder.jit")
+    enc = save_jit(EncoderJit(copy.deepcopy(tok16)), image[:, :, None].bfloat16(),
+                   d / "encoder.jit")
+    dec = save_jit(DecoderJit(copy.deepcopy(tok16)), torch.randint(0, 64000, (1, 1, 4, 4)),
+                   d / "decoder.jit")
     return d, enc, dec, tok16.float(), image
 
 
 def test_jit_files_load_by_name_and_give_the_same_outputs(jit_dir):
     d, enc, dec, rounded, image = jit_dir
-    assert torch.jit.load(str(d / "decoder.jit")).state_dict()["post_quant_conv.conv3d.weight"].dtype == torch.bfloat16
+    weights = torch.jit.load(str(d / "decoder.jit")).state_dict()
+    assert weights["post_quant_conv.conv3d.weight"].dtype == torch.bfloat16
     tok = CosmosTokenizer.from_pretrained(d, config="dv-tiny")
     assert tok.encoder is not None and tok.decoder is not None
     assert next(tok.parameters()).dtype == torch.float32
@@ -283,7 +313,8 @@ def test_config_json_next_to_jit_files_selects_the_architecture(jit_dir, tmp_pat
     d, *_ = jit_dir
     for f in ("encoder.jit", "decoder.jit"):
         (tmp_path / f).write_bytes((d / f).read_bytes())
-    with pytest.raises(ValueError, match="do not match the tokenizer layout"):  # no config: DV8x16x16 is assumed
+    # no config: DV8x16x16 is assumed
+    with pytest.raises(ValueError, match="do not match the tokenizer layout"):
         CosmosTokenizer.from_pretrained(tmp_path)
     cfg = {"model_type": "cosmos_tokenizer", **CosmosConfig.from_name("dv-tiny").to_dict()}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -316,8 +347,11 @@ def test_half_loading(jit_dir, tmp_path, tiny):
 
 def test_safetensors_round_trip(tiny, tmp_path):
     tiny.save_pretrained(tmp_path / "tok")
-    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["config.json", "model.safetensors"]
-    assert json.loads((tmp_path / "tok" / "config.json").read_text())["model_type"] == "cosmos_tokenizer"
+    # written through cli.write_atomic: no temporary file left beside them
+    names = sorted(p.name for p in (tmp_path / "tok").iterdir())
+    assert names == ["config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "tok" / "config.json").read_text())
+    assert config["model_type"] == "cosmos_tokenizer"
     loaded = CosmosTokenizer.from_pretrained(tmp_path / "tok")
     assert loaded.config == tiny.config
     x = rand_images(2, 32)
@@ -327,7 +361,7 @@ def test_safetensors_round_trip(tiny, tmp_path):
     assert CosmosConfig.from_dict(tiny.config.to_dict()) == tiny.config
 
 
-# --- bad input -----------------------------------------------------------------------------------------------------
+# --- bad input ------------------------------------------------------------------------------------
 
 
 def test_bad_images_and_indices(tiny):
@@ -347,6 +381,39 @@ def test_bad_images_and_indices(tiny):
         tiny.decode(torch.zeros(1, 2, 2))
     with pytest.raises(ValueError, match="B, h, w"):
         tiny.decode(torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_decode_takes_codes_of_any_integer_dtype(tiny):
+    """Code shards are saved as uint16 (data.py prepare): every integer dtype, numpy or torch,
+    decodes to the same image; a value outside the codebook is an error naming the range."""
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 128, (1, 2, 2), generator=g)  # fits every integer dtype
+    want = tiny.decode(idx)
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64, np.int8, np.int16, np.int32, np.int64):
+        arr = idx.numpy().astype(dtype)
+        assert torch.equal(tiny.decode(arr), want), dtype
+        assert torch.equal(tiny.decode(torch.from_numpy(arr)), want), dtype
+        assert torch.equal(tiny.decode_video(arr[:, None])[:, :, 0], want), dtype
+    assert as_indices(np.array([[7]], np.uint16), 64000).dtype == torch.long
+    for bad, shown in ((np.full((1, 2, 2), 64000, np.uint16), "64000..64000"),
+                       (torch.full((1, 2, 2), 65535, dtype=torch.uint16), "65535..65535"),
+                       (np.full((1, 2, 2), 2 ** 64 - 1, np.uint64), f"{2 ** 64 - 1}"),
+                       (np.full((1, 2, 2), -3, np.int8), "-3..-3")):
+        with pytest.raises(ValueError, match=f"indices must lie in 0..63999, got .*{shown}"):
+            tiny.decode(bad)
+    for bad in (np.zeros((1, 2, 2), np.float32), np.zeros((1, 2, 2), bool), [[[0]]],
+                torch.zeros(1, 2, 2, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="integer dtype|numpy array"):
+            tiny.decode(bad)
+    with pytest.raises(ValueError, match="B, h, w"):
+        tiny.decode(np.zeros((2, 2), np.uint16))
+
+
+def test_config_json_with_a_byte_order_mark(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_bytes(b"\xef\xbb\xbf" + config.read_bytes())
+    assert CosmosTokenizer.from_pretrained(tmp_path).config == tiny.config
 
 
 def test_bad_directories_and_files(tmp_path, tiny):
@@ -370,7 +437,8 @@ def test_bad_directories_and_files(tmp_path, tiny):
 
 
 def test_legacy_decoder_layout_is_named(tmp_path):
-    legacy = CosmosConfig.from_dict({**CosmosConfig.from_name("dv-tiny").to_dict(), "legacy_mode": True})
+    tiny_config = CosmosConfig.from_name("dv-tiny").to_dict()
+    legacy = CosmosConfig.from_dict({**tiny_config, "legacy_mode": True})
     torch.manual_seed(0)
     tok = CosmosTokenizer(legacy, encoder=False).eval()
     save_jit(DecoderJit(tok), torch.randint(0, 64000, (1, 1, 2, 2)), tmp_path / "decoder.jit")
@@ -382,7 +450,7 @@ def test_legacy_decoder_layout_is_named(tmp_path):
     assert CosmosTokenizer.from_pretrained(tmp_path, config=legacy).config.legacy_mode
 
 
-# --- pixels and the command line -----------------------------------------------------------------------------------
+# --- pixels and the command line ------------------------------------------------------------------
 
 
 def test_pixel_helpers():
@@ -402,15 +470,29 @@ def test_pixel_helpers():
 def test_cli_round_trip_and_errors(tiny, tmp_path, capsys):
     tiny.save_pretrained(tmp_path / "tok")
     Image.fromarray(np.full((80, 96, 3), 100, dtype=np.uint8)).save(tmp_path / "in.png")
-    main(["--ckpt", str(tmp_path / "tok"), "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "rec.png"),
+    image = str(tmp_path / "in.png")
+    main(["--ckpt", str(tmp_path / "tok"), "--image", image, "--out", str(tmp_path / "rec.png"),
           "--size", "64"])
     out = capsys.readouterr().out
     assert "tokens: 4x4" in out and "PSNR:" in out
     assert Image.open(tmp_path / "rec.png").size == (64, 64)
-    image, out = str(tmp_path / "in.png"), str(tmp_path / "x.png")
-    for extra in (["--ckpt", str(tmp_path / "nowhere")], ["--ckpt", str(tmp_path / "tok"), "--size", "60"]):
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "rec.png", "tok"]
+    out = str(tmp_path / "x.png")
+    tok = ["--ckpt", str(tmp_path / "tok")]
+    cases = {"tokenizer directory not found": ["--ckpt", str(tmp_path / "nowhere")],
+             "--size 60 must be a multiple of the tokenizer's spatial compression 16":
+                 [*tok, "--size", "60"],
+             "--size 0 must be >= 1": [*tok, "--size", "0"],
+             "--size -16 must be >= 1": [*tok, "--size", "-16"],
+             "cannot read image": [*tok, "--image", str(tmp_path / "tok" / "config.json")],
+             "output directory not found": [*tok, "--out", str(tmp_path / "no" / "x.png")],
+             "invalid choice: 'float16'": [*tok, "--dtype", "float16"],
+             "invalid int value: 'big'": [*tok, "--size", "big"]}
+    for needle, extra in cases.items():
         with pytest.raises(SystemExit) as e:
-            main(extra + ["--image", image, "--out", out])
+            main(["--image", image, "--out", out, *extra])
         assert e.value.code == 2
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and err.count("\n") == 1
+        assert err.startswith("cosmos_tokenizer.py: error: ") and err.count("\n") == 1, err
+        assert needle in err, (needle, err)
+    assert not (tmp_path / "x.png").exists()

@@ -1,8 +1,12 @@
 """Tests of data.py: python -m pytest -q tests/test_data.py (CPU, a few seconds)."""
+import codecs
 import json
 import os
+import re
+import subprocess
 import sys
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -11,41 +15,59 @@ import torch.nn.functional as F
 from PIL import Image
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 import data  # noqa: E402
 
-CORPUS = [data.ShapesDataset(60, 16, seed=1)[i]["caption"] for i in range(60)] + data.STYLE_PREFIXES + [
-    data.NEGATIVE_PROMPT, "The quick brown fox jumps over the lazy dog. It's 2024; we'll see 3.14 apples!"]
+CORPUS = [data.ShapesDataset(60, 16, seed=1)[i]["caption"] for i in range(60)]
+CORPUS += data.STYLE_PREFIXES + [
+    data.NEGATIVE_PROMPT,
+    "The quick brown fox jumps over the lazy dog. It's 2024; we'll see 3.14 apples!"]
 STRINGS = ["<|t2i|>A highly realistic image of a red circle<|soi|>", data.build_negative_prompt(),
-           "three blue squares", "it's   a  test\n\nwith\ttabs and 12345 digits", "café naïve e\u0301 東京 — ñ",
-           "<|im_start|>user\nhi<|im_end|><|endoftext|>", "<|t2i|><|soi|>", " leading and trailing  ", ""]
+           "three blue squares", "it's   a  test\n\nwith\ttabs and 12345 digits",
+           "café naïve e\u0301 東京 — ñ", "<|im_start|>user\nhi<|im_end|><|endoftext|>",
+           "<|t2i|><|soi|>", " leading and trailing  ", ""]
+BOM = codecs.BOM_UTF8
 
 
-# ----------------------------------------------------------------------------------------- text side
+def with_bom(src, dst):
+    """Copy the file src to dst with a UTF-8 byte-order mark in front."""
+    dst.write_bytes(BOM + src.read_bytes())
+
+
+# ---------------------------------------------------------------------------------- text side
 @pytest.fixture(scope="module")
 def qwen_dirs(tmp_path_factory):
-    """A tiny Qwen2-style tokenizer saved the ways a Qwen2 checkpoint can be: tokenizer.json (fast save),
-    vocab.json + merges.txt with tokenizer_config.json's added_tokens_decoder, and with added_tokens.json."""
+    """A tiny Qwen2-style tokenizer saved the ways a Qwen2 checkpoint can be: tokenizer.json (fast
+    save), vocab.json + merges.txt with tokenizer_config.json's added_tokens_decoder, and with
+    added_tokens.json."""
     transformers = pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("qwen")
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(data.QWEN2_SPLIT), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=600, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    split = pre_tokenizers.Split(Regex(data.QWEN2_SPLIT), behavior="isolated")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
+    trainer = trainers.BpeTrainer(vocab_size=600, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(CORPUS, trainer)
     os.makedirs(root / "slow")
-    bpe.model.save(str(root / "slow"))  # vocab.json + merges.txt, the special tokens not in the vocabulary (as Qwen2.5)
-    hf = transformers.Qwen2TokenizerFast.from_pretrained(str(root / "slow"))  # adds <|endoftext|> after the vocabulary
+    # vocab.json + merges.txt, the special tokens not in the vocabulary (as Qwen2.5)
+    bpe.model.save(str(root / "slow"))
+    # adds <|endoftext|> after the vocabulary
+    hf = transformers.Qwen2TokenizerFast.from_pretrained(str(root / "slow"))
     hf.add_tokens(["<|im_start|>", "<|im_end|>", *data.SPECIAL_TOKENS], special_tokens=True)
     hf.save_pretrained(str(root / "fast"))
     assert os.path.isfile(root / "fast" / "tokenizer.json")
-    decoder = {str(i): dict(content=t.content, lstrip=t.lstrip, rstrip=t.rstrip, normalized=t.normalized,
-                            single_word=t.single_word, special=t.special) for i, t in hf.added_tokens_decoder.items()}
-    (root / "slow" / "tokenizer_config.json").write_text(json.dumps(dict(added_tokens_decoder=decoder)))
+    decoder = {str(i): dict(content=t.content, lstrip=t.lstrip, rstrip=t.rstrip,
+                            normalized=t.normalized, single_word=t.single_word, special=t.special)
+               for i, t in hf.added_tokens_decoder.items()}
+    config = json.dumps(dict(added_tokens_decoder=decoder))
+    (root / "slow" / "tokenizer_config.json").write_text(config)
     os.makedirs(root / "slow_added")
     for name in ("vocab.json", "merges.txt"):
         (root / "slow_added" / name).write_bytes((root / "slow" / name).read_bytes())
-    (root / "slow_added" / "added_tokens.json").write_text(json.dumps({t.content: i for i, t in hf.added_tokens_decoder.items()}))
+    added = json.dumps({t.content: i for i, t in hf.added_tokens_decoder.items()})
+    (root / "slow_added" / "added_tokens.json").write_text(added)
     return hf, root
 
 
@@ -55,13 +77,33 @@ def test_tokenizer_files_agree_with_transformers(qwen_dirs):
     for d in ("fast", "slow", "slow_added"):
         tok = data.load_text_tokenizer(root / d)
         assert len(tok.get_vocab()) == len(hf), d
-        assert [tok.encode(s).ids for s in STRINGS] == expected, d  # no BOS added, specials split out
+        assert [tok.encode(s).ids for s in STRINGS] == expected, d  # no BOS, specials split out
         assert tok.decode(tok.encode(STRINGS[4]).ids) == hf.decode(hf(STRINGS[4])["input_ids"])
     ids = data.special_token_ids(tok)
     assert [ids[t] for t in data.SPECIAL_TOKENS] == hf.convert_tokens_to_ids(data.SPECIAL_TOKENS)
     assert data.pad_token_id(tok) == hf.convert_tokens_to_ids("<|endoftext|>")
     assert data.encode_prompts(tok, ["a red circle"]) == [hf(STRINGS[0])["input_ids"]]
     assert data.encode_negative(tok) == hf(data.build_negative_prompt())["input_ids"]
+
+
+def test_tokenizer_files_with_a_byte_order_mark(qwen_dirs, tmp_path):
+    """Every tokenizer file of each layout saved with a BOM loads to the same tokenizer."""
+    _, root = qwen_dirs
+    for d in ("fast", "slow", "slow_added"):
+        (tmp_path / d).mkdir()
+        for f in (root / d).iterdir():
+            with_bom(f, tmp_path / d / f.name)
+        assert (tmp_path / d / "tokenizer.json").is_file() == (d == "fast")
+        plain = data.load_text_tokenizer(root / d)
+        bom = data.load_text_tokenizer(tmp_path / d)
+        assert bom.get_vocab() == plain.get_vocab(), d
+        assert [bom.encode(s).ids for s in STRINGS] == [plain.encode(s).ids for s in STRINGS], d
+    (tmp_path / "slow" / "merges.txt").write_text("#version: 0.2\nnot a merge\n")
+    with pytest.raises(ValueError, match="merges.txt: line 2"):
+        data.load_text_tokenizer(tmp_path / "slow")
+    (tmp_path / "fast" / "tokenizer.json").write_bytes(BOM + b"{not json")
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        data.load_text_tokenizer(tmp_path / "fast")
 
 
 def test_tokenizer_errors(qwen_dirs, tmp_path):
@@ -75,19 +117,22 @@ def test_tokenizer_errors(qwen_dirs, tmp_path):
     (tmp_path / "slow").mkdir()
     for name in ("vocab.json", "merges.txt"):
         (tmp_path / "slow" / name).write_bytes((root / "slow" / name).read_bytes())
-    (tmp_path / "slow" / "added_tokens.json").write_text(json.dumps({"<|endoftext|>": 10_000}))  # a gap
+    gap = json.dumps({"<|endoftext|>": 10_000})
+    (tmp_path / "slow" / "added_tokens.json").write_text(gap)
     with pytest.raises(ValueError, match="endoftext"):
         data.load_text_tokenizer(tmp_path / "slow")
     tok = data.load_text_tokenizer(root / "slow_added")
     n = tok.get_vocab_size()
-    (tmp_path / "slow" / "added_tokens.json").write_text("{}")  # Qwen2.5-Instruct: SimpleAR's tokens still to add
+    # Qwen2.5-Instruct: SimpleAR's tokens still to add
+    (tmp_path / "slow" / "added_tokens.json").write_text("{}")
     tok = data.load_text_tokenizer(tmp_path / "slow", add_special_tokens=True)
     assert sorted(data.special_token_ids(tok).values()) == list(range(n - 10, n - 3))
 
 
 def test_templates_and_constants():
     assert len(data.STYLE_PREFIXES) == 20 == len(set(data.STYLE_PREFIXES))
-    assert data.PROMPT_PREFIX in data.STYLE_PREFIXES and all(p.endswith(" ") for p in data.STYLE_PREFIXES)
+    assert data.PROMPT_PREFIX in data.STYLE_PREFIXES
+    assert all(p.endswith(" ") for p in data.STYLE_PREFIXES)
     assert data.build_prompt("a cat") == "<|t2i|>A highly realistic image of a cat<|soi|>"
     assert data.build_prompt("a cat", prefix="") == "<|t2i|>a cat<|soi|>"
     assert data.build_negative_prompt("bad") == "<|t2i|>bad<|soi|>"
@@ -97,9 +142,16 @@ def test_templates_and_constants():
 def test_image_id_mapping():
     assert data.first_image_id(215672, 64000) == 151672
     assert data.first_image_id(215672, 64000, n_text_tokens=151672) == 151672
-    for args in [(215672, 64000, 151673), (100, 100, None), (100, 0, None)]:
-        with pytest.raises(ValueError, match="leaves no room"):
+    for args in [(100, 100, None), (100, 0, None)]:
+        with pytest.raises(ValueError, match="no room|not positive"):
             data.first_image_id(*args)
+    # with the text tokenizer's size the layout must match exactly: no row more, no row less
+    for vocab, codebook, n_text in [(215672, 64000, 151673), (215672, 64000, 151671),
+                                    (215672, 1000, 151672), (152672, 64000, 151672)]:
+        sizes = (f"LM's {vocab:,} vocabulary rows are not the text tokenizer's {n_text:,} ids "
+                 f"+ the visual tokenizer's {codebook:,} codes")
+        with pytest.raises(ValueError, match=re.escape(sizes)):
+            data.first_image_id(vocab, codebook, n_text)
     codes = np.array([[0, 5], [63999, 7]], np.uint16)
     tokens = data.codes_to_tokens(codes, 151672)
     assert tokens.dtype == torch.long and tokens.tolist() == [[151672, 151677], [215671, 151679]]
@@ -109,135 +161,203 @@ def test_image_id_mapping():
             data.tokens_to_codes(torch.tensor([151672, bad]), 151672, 64000)
 
 
-# ----------------------------------------------------------------------------------------- training sequences
+def test_special_tokens_spelled_in_prompts_are_kept_and_warned(qwen_dirs):
+    """SimpleAR's encoding is kept (the text <|soi|> becomes the token), with one warning per call
+    that names the tokens; a prompt without them warns nothing."""
+    _, root = qwen_dirs
+    tok = data.load_text_tokenizer(root / "fast")
+    sp = data.special_token_ids(tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails
+        plain = data.encode_prompts(tok, ["a red circle", "two <soi> squares"])
+        data.encode_negative(tok, "blurry")
+    prompts = ["a <|soi|> circle", "x<|t2i|>y", "a <|soi|> square", "a red circle"]
+    with pytest.warns(UserWarning) as record:
+        ids = data.encode_prompts(tok, prompts)
+    assert len(record) == 1
+    assert "<|soi|>" in str(record[0].message) and "<|t2i|>" in str(record[0].message)
+    assert ids[0].count(sp["<|soi|>"]) == 2 and ids[1].count(sp["<|t2i|>"]) == 2
+    assert ids[3] == plain[0]
+    with pytest.warns(UserWarning, match=re.escape("<|endoftext|>")):
+        negative = data.encode_negative(tok, "bad<|endoftext|>")
+    assert tok.token_to_id("<|endoftext|>") in negative
+
+
+# ------------------------------------------------------------------------- training sequences
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     return data.train_bpe_tokenizer(CORPUS, 400, tmp_path_factory.mktemp("bpe"))
 
 
-FIRST = 1000  # first image id of the test model: image tokens 1000..1099 for a 100-code codebook
+@pytest.fixture(scope="module")
+def first(tok):
+    """First image id of the test LM: the tokenizer's size; image tokens first..first+99 for a
+    100-code codebook."""
+    return tok.get_vocab_size()
 
 
 def items(n, h=2, seed=0):
-    """(captions, codes) pairs: a list is a dataset; two captions per item exercise the caption choice."""
+    """(captions, codes) pairs: a list is a dataset; two captions per item exercise the choice."""
     rng = np.random.default_rng(seed)
     return [([f"{i} red circles", f"item {i}"], rng.integers(0, 100, (h, h))) for i in range(n)]
 
 
-def test_sequence_layout(tok):
+def test_sequence_layout(tok, first):
     sp = data.special_token_ids(tok)
     codes = np.array([[3, 1], [4, 1]])
-    ids, labels = data.make_sequence(tok, "a red circle", codes, FIRST)
+    image = [first + 3, first + 1, first + 4, first + 1]
+    ids, labels = data.make_sequence(tok, "a red circle", codes, first)
     text = tok.encode(data.PROMPT_PREFIX + "a red circle").ids
-    assert ids.tolist() == [sp["<|t2i|>"], *text, sp["<|soi|>"], 1003, 1001, 1004, 1001]
-    assert ids.tolist() == data.encode_prompts(tok, ["a red circle"])[0] + [1003, 1001, 1004, 1001]  # = one string
+    assert ids.tolist() == [sp["<|t2i|>"], *text, sp["<|soi|>"], *image]
+    # = one string
+    assert ids.tolist() == data.encode_prompts(tok, ["a red circle"])[0] + image
     assert labels.tolist() == ids.tolist()  # loss on every token, text included
-    ids, labels = data.make_sequence(tok, "a red circle", codes, FIRST, prefix="A cinematic view of ", drop=True)
-    assert ids.tolist() == labels.tolist() == [sp["<|t2i|>"], sp["<|soi|>"], 1003, 1001, 1004, 1001]
-    ids, labels = data.make_sequence(tok, "a red circle", codes, FIRST, text_loss=False)
-    assert (labels[:-4] == -100).all() and labels[-4:].tolist() == [1003, 1001, 1004, 1001]
+    ids, labels = data.make_sequence(tok, "a red circle", codes, first,
+                                     prefix="A cinematic view of ", drop=True)
+    assert ids.tolist() == labels.tolist() == [sp["<|t2i|>"], sp["<|soi|>"], *image]
+    ids, labels = data.make_sequence(tok, "a red circle", codes, first, text_loss=False)
+    assert (labels[:-4] == -100).all() and labels[-4:].tolist() == image
 
 
-def test_truncation_cuts_the_caption_only(tok):
+def test_sequence_layout_must_match_the_tokenizer(tok, first):
+    """Image ids start right after the text ids; codes outside the LM's codebook are refused."""
+    codes = np.array([[3, 1], [4, 99]])
+    for wrong in (first - 1, first + 1):
+        with pytest.raises(ValueError, match=f"first image id {wrong:,} is not the text"):
+            data.make_sequence(tok, "a red circle", codes, wrong)
+        with pytest.raises(ValueError, match="not the text tokenizer's size"):
+            data.T2IBatches(items(8), tok, wrong, 4)
+    assert len(data.make_sequence(tok, "x", codes, first, codebook_size=100)[0]) > 4
+    with pytest.raises(ValueError, match="codes 1..99 are outside the codebook's 0..63"):
+        data.make_sequence(tok, "x", codes, first, codebook_size=64)
+    loader = data.T2IBatches(items(8), tok, first, 4, codebook_size=64)
+    with pytest.raises(ValueError, match="outside the codebook"):
+        next(iter(loader))
+    dataset = type("Recorded", (list,), dict(codebook_size=1000))(items(8))  # as a CodeDataset
+    with pytest.raises(ValueError, match="1,000-code visual tokenizer, the LM has 64 code rows"):
+        data.T2IBatches(dataset, tok, first, 4, codebook_size=64)
+    assert data.T2IBatches(dataset, tok, first, 4, codebook_size=1000).codebook_size == 1000
+
+
+def test_truncation_cuts_the_caption_only(tok, first):
     codes = np.arange(16).reshape(4, 4)
-    full, _ = data.make_sequence(tok, "a red circle and a blue square and a green triangle", codes, FIRST)
+    caption = "a red circle and a blue square and a green triangle"
+    full, _ = data.make_sequence(tok, caption, codes, first)
     n_prefix = len(tok.encode(data.PROMPT_PREFIX).ids)
     for max_len in (len(full), len(full) - 3, 2 + n_prefix + 16):
-        ids, labels = data.make_sequence(tok, "a red circle and a blue square and a green triangle", codes, FIRST,
-                                         max_len=max_len)
+        ids, labels = data.make_sequence(tok, caption, codes, first, max_len=max_len)
         assert len(ids) == max_len and ids[:max_len - 17].tolist() == full[:max_len - 17].tolist()
-        assert ids[-17:].tolist() == [full[-17].item()] + list(range(1000, 1016))  # <|soi|> and every code
+        # <|soi|> and every code
+        assert ids[-17:].tolist() == [full[-17].item()] + list(range(first, first + 16))
     with pytest.raises(ValueError, match="prefix"):
-        data.make_sequence(tok, "a red circle", codes, FIRST, max_len=2 + n_prefix + 15)
-    assert len(data.make_sequence(tok, "a red circle", codes, FIRST, drop=True, max_len=18)[0]) == 18
+        data.make_sequence(tok, "a red circle", codes, first, max_len=2 + n_prefix + 15)
+    dropped = data.make_sequence(tok, "a red circle", codes, first, drop=True, max_len=18)
+    assert len(dropped[0]) == 18
     with pytest.raises(ValueError, match="16 image tokens"):
-        data.make_sequence(tok, "a red circle", codes, FIRST, drop=True, max_len=17)
+        data.make_sequence(tok, "a red circle", codes, first, drop=True, max_len=17)
 
 
 def unpadded(batch):
     return [ids[m].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
 
 
-def test_batches_padding_and_masks(tok):
-    loader = data.T2IBatches(items(8), tok, FIRST, 4, p_drop_cond=0.5, seed=3)
+def test_batches_padding_and_masks(tok, first):
+    loader = data.T2IBatches(items(8), tok, first, 4, p_drop_cond=0.5, seed=3)
     batch = next(iter(loader))
-    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-    assert ids.shape == labels.shape == mask.shape and ids.dtype == labels.dtype == torch.long and mask.dtype == torch.bool
+    ids = batch["input_ids"]
+    labels = batch["labels"]
+    mask = batch["attention_mask"]
+    assert ids.shape == labels.shape == mask.shape
+    assert ids.dtype == labels.dtype == torch.long and mask.dtype == torch.bool
     lengths = mask.sum(1)
-    assert lengths.max() == ids.shape[1] and lengths.min() < ids.shape[1]  # right-padded to the longest
+    assert lengths.max() == ids.shape[1] and lengths.min() < ids.shape[1]  # right-padded
     assert (mask == (torch.arange(ids.shape[1]) < lengths[:, None])).all()
     assert (ids[~mask] == tok.token_to_id("<|endoftext|>")).all() and (labels[~mask] == -100).all()
     assert (labels[mask] == ids[mask]).all()
-    assert ((ids[mask] >= FIRST).sum(0) == 4 * 4).all()  # every sample keeps its 4 image tokens
-    masked = next(iter(data.T2IBatches(items(8), tok, FIRST, 4, seed=3, text_loss=False)))
-    assert ((masked["labels"] >= FIRST) | (masked["labels"] == -100)).all() and (masked["labels"] >= FIRST).sum() == 16
+    assert ((ids[mask] >= first).sum(0) == 4 * 4).all()  # every sample keeps its 4 image tokens
+    masked = next(iter(data.T2IBatches(items(8), tok, first, 4, seed=3, text_loss=False)))
+    image_labels = masked["labels"] >= first
+    assert (image_labels | (masked["labels"] == -100)).all() and image_labels.sum() == 16
 
 
-def test_dropout_rate_prefix_and_caption_choice(tok):
-    n, soi = 4000, tok.token_to_id("<|soi|>")
-    loader = data.T2IBatches([("x", np.zeros((1, 1), int))] * n, tok, FIRST, 500, seed=0, shuffle=False)
+def test_dropout_rate_prefix_and_caption_choice(tok, first):
+    n = 4000
+    soi = tok.token_to_id("<|soi|>")
+    dataset = [("x", np.zeros((1, 1), int))] * n
+    loader = data.T2IBatches(dataset, tok, first, 500, seed=0, shuffle=False)
     it = iter(loader)
     seqs = [s for _ in range(n // 500) for s in unpadded(next(it))]
     dropped = sum(s[1] == soi for s in seqs)
     assert abs(dropped - 0.1 * n) < 4 * (n * 0.1 * 0.9) ** 0.5
     prefixes = {tok.decode(s[1:-2]) for s in seqs if s[1] != soi}
     assert prefixes == {p + "x" for p in data.STYLE_PREFIXES}  # all 20 drawn
-    fixed = data.T2IBatches(items(8), tok, FIRST, 8, prefixes=[""], p_drop_cond=0.0)
+    fixed = data.T2IBatches(items(8), tok, first, 8, prefixes=[""], p_drop_cond=0.0)
     captions = {tok.decode(s[1:-5]) for s in unpadded(next(iter(fixed)))}
     assert len(captions) == 8 and captions <= {c for caps, _ in items(8) for c in caps}
-    assert any(c.startswith("item") for c in captions) and any(c.endswith("circles") for c in captions)
+    assert any(c.startswith("item") for c in captions)
+    assert any(c.endswith("circles") for c in captions)
 
 
-def test_shuffle_is_deterministic_and_two_ranks_equal_one(tok):
+def test_shuffle_is_deterministic_and_two_ranks_equal_one(tok, first):
     ds = items(21)  # 21 = 5 global batches of 4 + a dropped tail of 1
-    one = data.T2IBatches(ds, tok, FIRST, 4, seed=7)
-    ranks = [data.T2IBatches(ds, tok, FIRST, 2, seed=7, rank=r, world_size=2) for r in range(2)]
+    one = data.T2IBatches(ds, tok, first, 4, seed=7)
+    ranks = [data.T2IBatches(ds, tok, first, 2, seed=7, rank=r, world_size=2) for r in range(2)]
     assert one.steps_per_epoch == ranks[0].steps_per_epoch == 5
-    it1, its = iter(one), [iter(r) for r in ranks]
+    it1 = iter(one)
+    its = [iter(r) for r in ranks]
     seen = []
     for step in range(10):  # two epochs
         global_batch = unpadded(next(it1))
         parts = [unpadded(next(it)) for it in its]
-        assert parts[0] + parts[1] == global_batch  # rank r's slice of the same global batch, same sequences
+        # rank r's slice of the same global batch, same sequences
+        assert parts[0] + parts[1] == global_batch
         seen += [tuple(s[-4:]) for s in global_batch]  # the codes identify the item
-    first, second = seen[:20], seen[20:]
-    assert len(set(first)) == 20 == len(set(second)) and first != second  # no duplicates, reshuffled per epoch
-    again = iter(data.T2IBatches(ds, tok, FIRST, 4, seed=7))
-    assert [tuple(s[-4:]) for _ in range(5) for s in unpadded(next(again))] == first
-    assert list(data.T2IBatches(ds, tok, FIRST, 4, seed=8).order(0)) != list(one.order(0))
+    epoch1 = seen[:20]
+    epoch2 = seen[20:]
+    # no duplicates, reshuffled per epoch
+    assert len(set(epoch1)) == 20 == len(set(epoch2)) and epoch1 != epoch2
+    again = iter(data.T2IBatches(ds, tok, first, 4, seed=7))
+    assert [tuple(s[-4:]) for _ in range(5) for s in unpadded(next(again))] == epoch1
+    assert list(data.T2IBatches(ds, tok, first, 4, seed=8).order(0)) != list(one.order(0))
     with pytest.raises(ValueError, match="smaller than one global batch"):
-        data.T2IBatches(items(3), tok, FIRST, 2, world_size=2)
+        data.T2IBatches(items(3), tok, first, 2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size 0"):
+        data.T2IBatches(items(3), tok, first, 0)
 
 
-def test_state_dict_resumes_identically(tok):
+def test_state_dict_resumes_identically(tok, first):
     ds = items(10)
-    loader = data.T2IBatches(ds, tok, FIRST, 3, seed=1, p_drop_cond=0.3)
+    loader = data.T2IBatches(ds, tok, first, 3, seed=1, p_drop_cond=0.3)
     it = iter(loader)
     for _ in range(4):  # into the second epoch (3 steps per epoch)
         next(it)
-    state = json.loads(json.dumps(loader.state_dict()))  # plain data: goes into a checkpoint as is
+    # plain data: goes into a checkpoint as is
+    state = json.loads(json.dumps(loader.state_dict()))
     assert state == dict(epoch=1, position=3, seed=1, n=10)
     expected = [next(it) for _ in range(5)]
-    assert (loader.epoch, loader.position) == (2, 9) and not torch.equal(expected[0]["input_ids"], expected[1]["input_ids"])
-    resumed = data.T2IBatches(ds, tok, FIRST, 3, seed=1, p_drop_cond=0.3)
+    assert (loader.epoch, loader.position) == (2, 9)
+    assert not torch.equal(expected[0]["input_ids"], expected[1]["input_ids"])
+    resumed = data.T2IBatches(ds, tok, first, 3, seed=1, p_drop_cond=0.3)
     resumed.load_state_dict(state)
     for want, got in zip(expected, iter(resumed)):
         assert all(torch.equal(want[k], got[k]) for k in want)
     with pytest.raises(ValueError, match="seed"):
-        data.T2IBatches(ds, tok, FIRST, 3, seed=2).load_state_dict(state)
+        data.T2IBatches(ds, tok, first, 3, seed=2).load_state_dict(state)
 
 
-# ----------------------------------------------------------------------------------------- code shards
+# -------------------------------------------------------------------------------- code shards
 class FakeVQ:
     """Stand-in for CosmosTokenizer: code = mean grey level of each 16x16 patch, in 11 steps."""
-    spatial_compression, codebook_size = 16, 64000
+    spatial_compression = 16
+    codebook_size = 64000
 
     def encode(self, x):
         return ((F.avg_pool2d(x.mean(1, keepdim=True), 16)[:, 0] + 1) * 5).round().long()
 
 
 def _fallback_pil_to_tensor(img, size):  # only if cosmos_tokenizer.pil_to_tensor is not written yet
-    x = torch.from_numpy(np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC))).permute(2, 0, 1)
+    rgb = img.convert("RGB").resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(rgb)).permute(2, 0, 1)
     return x.float() / 127.5 - 1
 
 
@@ -246,75 +366,210 @@ def pil_to_tensor(monkeypatch):
     try:
         from cosmos_tokenizer import pil_to_tensor  # noqa: F401
     except ImportError:
-        monkeypatch.setitem(sys.modules, "cosmos_tokenizer", types.SimpleNamespace(pil_to_tensor=_fallback_pil_to_tensor))
+        fallback = types.SimpleNamespace(pil_to_tensor=_fallback_pil_to_tensor)
+        monkeypatch.setitem(sys.modules, "cosmos_tokenizer", fallback)
+
+
+def good_records(root, n):
+    """n records (grey level 51*(i % 6) -> code 2*(i % 6)) of images in folder images/."""
+    os.makedirs(root / "images", exist_ok=True)
+    records = []
+    for i in range(n):
+        Image.new("RGB", (32, 32), (51 * (i % 6),) * 3).save(root / "images" / f"{i}.png")
+        caption = f"grey {i}" if i % 2 else [f"grey {i}", f"g{i}"]
+        records.append(dict(image=f"images/{i}.png", caption=caption))
+    return records
+
+
+def expected_captions(n):
+    return [[f"grey {i}"] if i % 2 else [f"grey {i}", f"g{i}"] for i in range(n)]
 
 
 def write_meta(root, n=7):
-    """n good records (grey level 51*(i % 6) -> code 2*(i % 6)) in folder images/, then a missing image,
-    a record without caption, a non-text caption, an unparsable line and a broken image file."""
-    os.makedirs(root / "images")
-    lines = []
-    for i in range(n):
-        Image.new("RGB", (32, 32), (51 * (i % 6),) * 3).save(root / "images" / f"{i}.png")
-        lines.append(json.dumps(dict(image=f"images/{i}.png", caption=f"grey {i}" if i % 2 else [f"grey {i}", f"g{i}"])))
+    """n good records, then a missing image, a record without caption, a non-text caption, an
+    unparsable line and a broken image file."""
+    lines = [json.dumps(r) for r in good_records(root, n)]
     (root / "images" / "broken.png").write_bytes(b"not a png")
-    lines += [json.dumps(dict(image="images/nope.png", caption="missing")), json.dumps(dict(image="images/0.png")),
-              json.dumps(dict(image="images/0.png", caption=[3])), "{not json", json.dumps(dict(image="images/broken.png", caption="x"))]
+    lines += [json.dumps(dict(image="images/nope.png", caption="missing")),
+              json.dumps(dict(image="images/0.png")),
+              json.dumps(dict(image="images/0.png", caption=[3])), "{not json",
+              json.dumps(dict(image="images/broken.png", caption="x"))]
     (root / "meta.jsonl").write_text("\n".join(lines) + "\n")
     return root / "meta.jsonl"
 
 
 def test_prepare_codes_shards_report_and_resume(tmp_path, pil_to_tensor, capsys):
-    meta, out = write_meta(tmp_path), tmp_path / "codes"
+    meta = write_meta(tmp_path)
+    out = tmp_path / "codes"
     report = data.prepare_codes(meta, out, FakeVQ(), 32, shard_size=4, batch_size=3)
     assert report["shards"] == [0, 1, 2] and report["encoded"] == 7
-    assert report["skipped"] == dict(missing_image=1, bad_record=2, caption_not_text=1, unreadable_image=1)
-    assert report["examples"]["missing_image"] == [7] and report["examples"]["bad_record"] == [8, 10]
-    assert json.loads((out / "report_rank0.json").read_text()) == report and "skipped" in capsys.readouterr().out
+    skipped = dict(missing_image=1, bad_record=2, caption_not_text=1, unreadable_image=1)
+    assert report["skipped"] == skipped
+    assert report["examples"]["missing_image"] == [7]
+    assert report["examples"]["bad_record"] == [8, 10]
+    assert json.loads((out / "report_rank0.json").read_text()) == report
+    assert "skipped" in capsys.readouterr().out
+    # every file under its final name: no temporary left over
+    shard_files = [f"{kind}_{k:05d}.{ext}" for k in range(3)
+                   for kind, ext in (("codes", "npy"), ("captions", "json"))]
+    names = ["index.json", "prepare.json", "report_rank0.json", *shard_files]
+    assert sorted(os.listdir(out)) == sorted(names)
     codes = np.load(out / "codes_00000.npy")
     assert codes.dtype == np.uint16 and codes.shape == (4, 2, 2)
     ds = data.CodeDataset(out)
     assert len(ds) == 7 and ds.index["grid"] == [2, 2] and ds.index["resolution"] == 32
+    assert ds.codebook_size == 64000
     for i in range(7):
         captions, c = ds[i]
-        assert captions == ([f"grey {i}"] if i % 2 else [f"grey {i}", f"g{i}"]) and (c == 2 * (i % 6)).all()
-    batch = next(iter(data.T2IBatches(ds, data.train_bpe_tokenizer(CORPUS, 300, tmp_path / "t"), FIRST, 7)))
-    assert batch["input_ids"].shape[0] == 7 and (batch["input_ids"] >= FIRST).sum() == 7 * 4
-    stamps = {p: os.stat(out / p).st_mtime_ns for p in ("codes_00000.npy", "codes_00002.npy", "captions_00002.json")}
+        assert captions == expected_captions(7)[i] and (c == 2 * (i % 6)).all()
+    bpe = data.train_bpe_tokenizer(CORPUS, 300, tmp_path / "t")
+    batch = next(iter(data.T2IBatches(ds, bpe, bpe.get_vocab_size(), 7, codebook_size=64000)))
+    assert batch["input_ids"].shape[0] == 7
+    assert (batch["input_ids"] >= bpe.get_vocab_size()).sum() == 7 * 4
+    with pytest.raises(ValueError, match="64,000-code visual tokenizer, the LM has 1,000"):
+        data.T2IBatches(ds, bpe, bpe.get_vocab_size(), 7, codebook_size=1000)
+    stamped = ("codes_00000.npy", "codes_00002.npy", "captions_00002.json")
+    stamps = {p: os.stat(out / p).st_mtime_ns for p in stamped}
     os.remove(out / "codes_00001.npy")
     report = data.prepare_codes(meta, out, FakeVQ(), 32, shard_size=4, batch_size=3)
-    assert report["shards"] == [1] and report["encoded"] == 3 and report["skipped"] == dict(missing_image=1)
-    assert stamps == {p: os.stat(out / p).st_mtime_ns for p in stamps} and len(data.CodeDataset(out)) == 7
+    assert report["shards"] == [1] and report["encoded"] == 3
+    assert report["skipped"] == dict(missing_image=1)
+    assert stamps == {p: os.stat(out / p).st_mtime_ns for p in stamps}
+    assert len(data.CodeDataset(out)) == 7
     with pytest.raises(ValueError, match="prepared with"):
         data.prepare_codes(meta, out, FakeVQ(), 48, shard_size=4)
     with pytest.raises(ValueError, match="resolution 40 .* 16"):
         data.prepare_codes(meta, tmp_path / "other", FakeVQ(), 40)
+    for kw in (dict(batch_size=0), dict(shard_size=-1)):
+        name, value = next(iter(kw.items()))
+        with pytest.raises(ValueError, match=f"{name} {value} must be >= 1"):
+            data.prepare_codes(meta, tmp_path / "other", FakeVQ(), 32, **kw)
+    no_codebook = types.SimpleNamespace(spatial_compression=16, encode=FakeVQ().encode)
+    with pytest.raises(ValueError, match="codebook_size"):
+        data.prepare_codes(meta, tmp_path / "other", no_codebook, 32)
 
 
 def test_prepare_codes_two_ranks(tmp_path, pil_to_tensor):
-    meta, out = write_meta(tmp_path), tmp_path / "codes"
+    meta = write_meta(tmp_path)
+    out = tmp_path / "codes"
     r1 = data.prepare_codes(meta, out, FakeVQ(), 32, shard_size=2, rank=1, world_size=2)
-    assert r1["shards"] == [1, 3, 5] and not (out / "index.json").exists()  # waits for rank 0's shards
+    # waits for rank 0's shards
+    assert r1["shards"] == [1, 3, 5] and not (out / "index.json").exists()
     with pytest.raises(FileNotFoundError, match="index.json"):
         data.CodeDataset(out)
     r0 = data.prepare_codes(meta, out, FakeVQ(), 32, shard_size=2, rank=0, world_size=2)
     assert r0["shards"] == [0, 2, 4] and r0["encoded"] + r1["encoded"] == 7
-    assert [c for c, _ in data.CodeDataset(out)] == [[f"grey {i}"] if i % 2 else [f"grey {i}", f"g{i}"] for i in range(7)]
+    assert [c for c, _ in data.CodeDataset(out)] == expected_captions(7)
+
+
+def test_meta_and_shard_files_with_a_byte_order_mark(tmp_path, pil_to_tensor):
+    """A JSON list or JSONL meta, index.json and the captions saved with a BOM read the same: all
+    records encoded, the first one kept."""
+    records = good_records(tmp_path, 5)
+    (tmp_path / "list.json").write_bytes(BOM + json.dumps(records, indent=1).encode())
+    jsonl = "".join(json.dumps(r) + "\n" for r in records)
+    (tmp_path / "lines.jsonl").write_bytes(BOM + jsonl.encode())
+    for name in ("list.json", "lines.jsonl"):
+        assert data.read_meta(tmp_path / name) == records
+        out = tmp_path / f"codes_{name}"
+        report = data.prepare_codes(tmp_path / name, out, FakeVQ(), 32, shard_size=3)
+        assert report["encoded"] == 5 and report["skipped"] == {}
+        assert [c for c, _ in data.CodeDataset(out)] == expected_captions(5)
+    for name in ("index.json", "captions_00000.json", "captions_00001.json"):
+        path = out / name
+        path.write_bytes(BOM + path.read_bytes())
+    ds = data.CodeDataset(out)
+    assert [c for c, _ in ds] == expected_captions(5) and ds.codebook_size == 64000
+
+
+def test_a_meta_without_usable_records_is_an_error(tmp_path, pil_to_tensor):
+    """Not a run that encodes 0 images and exits 0."""
+    (tmp_path / "meta.jsonl").write_text('{"img": "a.png", "text": "x"}\n{broken\n')
+    with pytest.raises(ValueError, match="none of its 2 records has an image and a caption"):
+        data.prepare_codes(tmp_path / "meta.jsonl", tmp_path / "codes", FakeVQ(), 32)
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="none of its 0 records"):
+        data.prepare_codes(tmp_path / "empty.json", tmp_path / "codes", FakeVQ(), 32)
+
+
+def test_prepare_warns_of_special_tokens_in_captions(tmp_path, pil_to_tensor):
+    records = good_records(tmp_path, 2)
+    records[1]["caption"] = "grey <|soi|> 1"
+    (tmp_path / "meta.json").write_text(json.dumps(records))
+    with pytest.warns(UserWarning, match=re.escape("1 caption(s) spell <|soi|>")):
+        data.prepare_codes(tmp_path / "meta.json", tmp_path / "codes", FakeVQ(), 32)
+
+
+@pytest.fixture(scope="module")
+def tiny_vq_dir(tmp_path_factory):
+    """A visual tokenizer in our safetensors layout (fixtures.py's tiny config, 64 codes)."""
+    from fixtures import write_tiny_vq
+    return write_tiny_vq(tmp_path_factory.mktemp("vq") / "vq", levels=(4, 4, 4), jit=False)
+
+
+def test_prepare_cli_reads_a_meta_with_a_byte_order_mark(tmp_path, tiny_vq_dir, capsys):
+    """The CLI too; its warnings are one line each (a caption spelling <|soi|> here)."""
+    records = good_records(tmp_path, 3)
+    records[2]["caption"] = "grey <|soi|>"
+    (tmp_path / "meta.json").write_bytes(BOM + json.dumps(records).encode())
+    data.main(["prepare", "--meta", str(tmp_path / "meta.json"), "--vq", tiny_vq_dir,
+               "--resolution", "32", "--out", str(tmp_path / "codes")])
+    out, err = capsys.readouterr()
+    assert "encoded 3 images" in out
+    lines = [line for line in err.split("\n") if "warning" in line]  # the rest: the progress bar
+    assert len(lines) == 1 and lines[0].startswith("data.py: warning: ") and "<|soi|>" in lines[0]
+    ds = data.CodeDataset(tmp_path / "codes")
+    assert len(ds) == 3 and ds.codebook_size == 64 and ds.index["grid"] == [2, 2]
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    cases = {"nope.jsonl": ["prepare", "--meta", str(tmp_path / "nope.jsonl"), "--vq", "x", "--resolution", "512", "--out", "o"],
-             "--vq": ["prepare", "--meta", "m"], "--n 0": ["shapes", "--out", str(tmp_path), "--n", "0"], "frobnicate": ["frobnicate"],
-             "texture": ["shapes", "--out", str(tmp_path), "--n", "2", "--categories", "counting", "texture"],
-             "lattice 3": ["shapes", "--out", str(tmp_path), "--n", "2", "--lattice", "3"]}
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text("")
+    prepare = ["prepare", "--meta", str(meta), "--vq", "x", "--out", "o"]
+    shapes = ["shapes", "--out", str(tmp_path), "--n", "2"]
+    cases = {"nope.jsonl": ["prepare", "--meta", str(tmp_path / "nope.jsonl"), "--vq", "x",
+                            "--resolution", "512", "--out", "o"],
+             "--vq": ["prepare", "--meta", "m"],
+             "--n 0 must be >= 1": ["shapes", "--out", str(tmp_path), "--n", "0"],
+             "frobnicate": ["frobnicate"],
+             "texture": [*shapes, "--categories", "counting", "texture"],
+             "lattice 3": [*shapes, "--lattice", "3"],
+             "--size -8 must be >= 1": [*shapes, "--size", "-8"],
+             "--vocab-size 0 must be >= 256": [*shapes, "--vocab-size", "0"],
+             "--batch-size 0 must be >= 1": [*prepare, "--resolution", "32", "--batch-size", "0"],
+             "--shard-size 0 must be >= 1": [*prepare, "--resolution", "32", "--shard-size", "0"],
+             "--resolution 0 must be >= 1": [*prepare, "--resolution", "0"],
+             "invalid int value: 'two'": [*prepare, "--resolution", "two"]}
     for needle, argv in cases.items():
         with pytest.raises(SystemExit) as e:
             data.main(argv)
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("data.py") and needle in err, (argv, err)
+        assert e.value.code == 2 and err.count("\n") == 1, (argv, err)
+        assert re.match(r"data\.py( prepare| shapes)?: error: ", err) and needle in err, (argv, err)
+    assert os.listdir(tmp_path) == ["meta.jsonl"]  # nothing written on the way
 
 
-# ----------------------------------------------------------------------------------------- synthetic shapes
+def test_sample_cli_refuses_an_lm_and_a_visual_tokenizer_that_do_not_belong_together(tmp_path):
+    """An LM with 64 code rows and a visual tokenizer of 32 codes: one line naming the three sizes,
+    exit 2, no image (not 32 of the LM's rows decoded as the other tokenizer's codes)."""
+    from fixtures import write_tiny_lm, write_tiny_vq
+    lm = write_tiny_lm(tmp_path / "lm", codebook_size=64)
+    vq = write_tiny_vq(tmp_path / "vq", levels=(4, 4, 2), jit=False)
+    n_text = data.load_text_tokenizer(lm).get_vocab_size()
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "sample.py", "--prompt", "a cat", "--ckpt", lm, "--vq", vq,
+                        "--size", "32", "--n", "1", "--device", "cpu", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    sizes = (f"the LM's {n_text + 64:,} vocabulary rows are not the text tokenizer's {n_text:,} "
+             "ids + the visual tokenizer's 32 codes")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("sample.py: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert sizes in r.stderr, r.stderr
+    assert not out.exists() or not list(out.glob("*.png"))
+
+
+# --------------------------------------------------------------------------- synthetic shapes
 def objects(img):
     """Per palette colour: (pixel count, centroid x, y as fractions) of the rendered image."""
     a = np.asarray(img)
@@ -326,14 +581,30 @@ def objects(img):
     return out
 
 
+def check_position(item, found):
+    """The relation of a position caption holds on the rendered pixels, by a margin."""
+    a_, b_ = item["spec"]
+    rel = next(r for r in data.RELATIONS if f" {r} " in item["caption"])
+    _, ax, ay = found[a_["color"]]
+    _, bx, by = found[b_["color"]]
+    dx = ax - bx  # measured on pixels; y grows downwards
+    dy = ay - by
+    margin = 0.05
+    assert {"to the left of": dx < -margin, "to the right of": dx > margin,
+            "above": dy < -margin, "below": dy > margin}[rel], (item["caption"], dx, dy)
+    assert {"to the left of": abs(dx) > abs(dy), "to the right of": abs(dx) > abs(dy),
+            "above": abs(dy) > abs(dx), "below": abs(dy) > abs(dx)}[rel]
+
+
 def test_shapes_render_exact_and_well_placed():
     ds = data.ShapesDataset(120, 128, seed=0)
     fill = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
     for i in range(len(ds)):
         item = ds[i]
         hard = data.render_shapes(item["spec"], 128, supersample=1)
-        a, aa = np.asarray(hard), np.asarray(item["image"], dtype=np.float64)
-        # antialiased: the same colours away from the edges (2 px), the same amount of each colour overall
+        a = np.asarray(hard)
+        aa = np.asarray(item["image"], dtype=np.float64)
+        # antialiased: the same colours away from the edges (2 px), the same amount of each colour
         t = torch.from_numpy(a.sum(-1, dtype=np.float64))[None, None]
         flat = (F.max_pool2d(t, 5, 1, 2) == -F.max_pool2d(-t, 5, 1, 2))[0, 0].numpy()
         assert flat.mean() > 0.5 and np.array_equal(aa[flat], a[flat])
@@ -341,14 +612,16 @@ def test_shapes_render_exact_and_well_placed():
         item["image"] = hard
         colours = {tuple(c) for c in a.reshape(-1, 3)}
         assert colours <= {data.BACKGROUND, *data.PALETTE.values()} and data.BACKGROUND in colours
-        assert (a[0] == data.BACKGROUND).all() and (a[-1] == data.BACKGROUND).all()  # fully inside the image
+        # fully inside the image
+        assert (a[0] == data.BACKGROUND).all() and (a[-1] == data.BACKGROUND).all()
         spec = item["spec"]
         assert 1 <= len(spec) <= 4 and item["captions"][0] == item["caption"]
         for j, o in enumerate(spec):
             assert data.MIN_SIZE <= o["size"] <= data.MAX_SIZE
             assert all(o["size"] / 2 < c < 1 - o["size"] / 2 for c in o["center"])
             for b in spec[j + 1:]:
-                assert np.abs(np.subtract(o["center"], b["center"])).max() > (o["size"] + b["size"]) / 2
+                gap = np.abs(np.subtract(o["center"], b["center"])).max()
+                assert gap > (o["size"] + b["size"]) / 2
         found = objects(item["image"])
         if len({o["color"] for o in spec}) == len(spec):  # one object per colour: check its pixels
             for o in spec:
@@ -358,24 +631,20 @@ def test_shapes_render_exact_and_well_placed():
         else:
             assert sum(n for n, _, _ in found.values()) > 0
         if item["category"] == "position":
-            a_, b_ = spec
-            rel = next(r for r in data.RELATIONS if f" {r} " in item["caption"])
-            (_, ax, ay), (_, bx, by) = found[a_["color"]], found[b_["color"]]
-            dx, dy = ax - bx, ay - by  # measured on pixels; y grows downwards
-            margin = 0.05
-            assert {"to the left of": dx < -margin, "to the right of": dx > margin,
-                    "above": dy < -margin, "below": dy > margin}[rel], (item["caption"], dx, dy)
-            assert {"to the left of": abs(dx) > abs(dy), "to the right of": abs(dx) > abs(dy),
-                    "above": abs(dy) > abs(dx), "below": abs(dy) > abs(dx)}[rel]
+            check_position(item, found)
         if item["category"] == "counting":
             n = len(spec)
-            assert item["caption"].split()[0] == data.NUMBERS[n] and len({(o["shape"], o["color"]) for o in spec}) == 1
+            assert item["caption"].split()[0] == data.NUMBERS[n]
+            assert len({(o["shape"], o["color"]) for o in spec}) == 1
     assert {ds[i]["category"] for i in range(6)} == set(data.CATEGORIES)
-    assert np.array_equal(np.asarray(ds[5]["image"]), np.asarray(data.ShapesDataset(120, 128, seed=0)[5]["image"]))
+    again = data.ShapesDataset(120, 128, seed=0)[5]["image"]
+    assert np.array_equal(np.asarray(ds[5]["image"]), np.asarray(again))
     weighted = data.ShapesDataset(12, 32, categories=["counting", "position", "position"])
     assert [weighted[i]["category"] for i in range(6)] == ["counting", "position", "position"] * 2
     with pytest.raises(ValueError, match="texture"):
         data.ShapesDataset(4, 32, categories=["counting", "texture"])
+    with pytest.raises(ValueError, match="size 0"):
+        data.ShapesDataset(4, 0)
     assert ds[5]["spec"] != data.ShapesDataset(120, 128, seed=1)[5]["spec"]
 
 
@@ -384,47 +653,63 @@ def test_shapes_captions():
     assert canonical == captions[0] and len(captions) == len(set(captions)) > 1
     with pytest.raises(ValueError, match="category"):
         data.sample_scene(np.random.default_rng(0), "texture")
+    hexagon = dict(shape="hexagon", color="red", center=[0.5, 0.5], size=0.3)
     with pytest.raises(ValueError, match="hexagon"):
-        data.render_shapes([dict(shape="hexagon", color="red", center=[0.5, 0.5], size=0.3)], 32)
-    assert data._noun("circle", "orange") == "an orange circle" and data._noun("square", "red", 3) == "three red squares"
+        data.render_shapes([hexagon], 32)
+    assert data._noun("circle", "orange") == "an orange circle"
+    assert data._noun("square", "red", 3) == "three red squares"
 
 
 def test_shapes_lattice():
-    """Sides and box edges on the 1/LATTICE grid (the default), anywhere with lattice=0; both within the spec."""
-    L, sides, edges = data.LATTICE, set(), []
+    """Sides and box edges on the 1/LATTICE grid (the default), anywhere with lattice=0; both
+    within the spec."""
+    L = data.LATTICE
+    sides = set()
+    edges = []
     for lattice in (L, 0):
         for i in range(300):
             rng = np.random.default_rng([7, i])
-            spec, _, _ = data.sample_scene(rng, data.CATEGORIES[i % len(data.CATEGORIES)], lattice=lattice)
+            category = data.CATEGORIES[i % len(data.CATEGORIES)]
+            spec, _, _ = data.sample_scene(rng, category, lattice=lattice)
             for o in spec:
                 assert data.MIN_SIZE <= o["size"] <= data.MAX_SIZE
                 corner = np.subtract(o["center"], o["size"] / 2) * L
-                on = np.allclose(corner, np.round(corner)) and np.isclose(o["size"] * L, round(o["size"] * L))
+                on_side = np.isclose(o["size"] * L, round(o["size"] * L))
+                on = np.allclose(corner, np.round(corner)) and on_side
                 assert on == (lattice == L), (lattice, o)
                 if lattice:
                     sides.add(round(o["size"] * L))
                     edges += [*np.round(corner), *np.round(corner) + o["size"] * L]
     assert sides == {4, 5, 6} and min(edges) >= 1 and max(edges) <= L - 1
     off = data.ShapesDataset(6, 64, seed=3, lattice=0)[0]["spec"][0]
-    assert off != data.ShapesDataset(6, 64, seed=3)[0]["spec"][0] and not np.isclose(off["size"] * L, round(off["size"] * L))
+    assert off != data.ShapesDataset(6, 64, seed=3)[0]["spec"][0]
+    assert not np.isclose(off["size"] * L, round(off["size"] * L))
     for lattice in (9, 20):  # other lattices keep the spec's sides
         spec = data.ShapesDataset(12, 64, seed=0, lattice=lattice)[1]["spec"]
         assert all(data.MIN_SIZE <= o["size"] <= data.MAX_SIZE for o in spec)
-    # at 64 px a lattice step is 4 whole pixels: a square is drawn with hard edges even without antialiasing
+    # at 64 px a lattice step is 4 whole pixels: a square has hard edges even without antialiasing
     item = data.ShapesDataset(6, 64, seed=3)[0]
-    square = dict(item["spec"][0], shape="square")
-    assert np.array_equal(np.asarray(data.render_shapes([square], 64)), np.asarray(data.render_shapes([square], 64, 1)))
+    square = [dict(item["spec"][0], shape="square")]
+    smooth = np.asarray(data.render_shapes(square, 64))
+    assert np.array_equal(smooth, np.asarray(data.render_shapes(square, 64, 1)))
 
 
 def test_shapes_cli_and_bpe_tokenizer(tmp_path):
     data.main(["shapes", "--out", str(tmp_path), "--n", "6", "--size", "48", "--vocab-size", "300"])
     records = [json.loads(line) for line in (tmp_path / "meta.jsonl").read_text().splitlines()]
     assert len(records) == 6 and all((tmp_path / r["image"]).is_file() for r in records)
+    # every file under its final name: no temporary left over
+    assert sorted(os.listdir(tmp_path)) == ["images", "meta.jsonl", "tokenizer"]
+    assert sorted(os.listdir(tmp_path / "images")) == [f"{i:06d}.png" for i in range(6)]
+    assert os.listdir(tmp_path / "tokenizer") == ["tokenizer.json"]
     assert Image.open(tmp_path / records[0]["image"]).size == (48, 48)
     tok = data.load_text_tokenizer(tmp_path / "tokenizer")
     ids = data.special_token_ids(tok)
-    assert sorted(ids.values()) == list(range(tok.get_vocab_size() - 7, tok.get_vocab_size()))  # after the vocabulary
-    assert tok.token_to_id("<|endoftext|>") == tok.get_vocab_size() - 8
+    n = tok.get_vocab_size()
+    assert sorted(ids.values()) == list(range(n - 7, n))  # after the vocabulary
+    assert tok.token_to_id("<|endoftext|>") == n - 8
     prompt = data.build_prompt(records[0]["canonical"])
     assert tok.decode(tok.encode(prompt).ids, skip_special_tokens=False) == prompt
     assert tok.encode("emoji ✨ never seen").ids  # byte-level: any text encodes
+    with pytest.raises(ValueError, match="vocab_size 100"):
+        data.train_bpe_tokenizer(["a b"], 100, tmp_path / "small")

@@ -1,4 +1,5 @@
-"""GRPO: the reward, the advantage, the loss against a slow per-sequence reference, one step's effect, the loop.
+"""GRPO: the reward, the advantage, the loss against a slow per-sequence reference, one step's
+effect, the loop.
 
     python -m pytest -q tests/test_grpo.py
 """
@@ -34,7 +35,8 @@ def test_draw_captions_covers_the_categories_and_never_draws_the_benchmark():
     assert not {caption for _, caption in drawn} & exclude
     for _, caption in drawn:
         geneval.parse_caption(caption)  # canonical: the reward can read it
-    assert drawn[:20] == grpo.draw_captions(np.random.default_rng(1), 20, list(data.CATEGORIES), exclude)
+    assert drawn[:20] == grpo.draw_captions(np.random.default_rng(1), 20, list(data.CATEGORIES),
+                                            exclude)
 
 
 def test_group_advantages_normalise_within_each_group():
@@ -50,7 +52,8 @@ def test_group_advantages_normalise_within_each_group():
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo")
     lm = write_tiny_lm(root / "lm", codebook_size=64, repetition_penalty=None)
-    with open(os.path.join(lm, "generation_config.json"), "w") as f:  # the nano layout: sampling defaults shipped
+    # the nano layout: sampling defaults shipped
+    with open(os.path.join(lm, "generation_config.json"), "w") as f:
         json.dump({"guidance_scale": 2.0, "negative_prompt": "", "image_top_k": 10}, f)
     return lm, write_tiny_vq(root / "vq", jit=False)
 
@@ -68,7 +71,8 @@ def slow_logprobs(model, tok, caption, codes, first_id, K):
 
 def test_loss_gradient_is_the_advantage_weighted_logprob_gradient(tiny):
     """Batched and padded log-probs equal the slow loop; with beta, the k3 term's gradient is
-    (1 - exp(ref - logp)) per token; the whole loss is normalised by every image token of the rollout."""
+    (1 - exp(ref - logp)) per token; the whole loss is normalised by every image token of the
+    rollout."""
     lm, _ = tiny
     tok = data.load_text_tokenizer(lm)
     model, ref = Transformer.from_pretrained(lm), Transformer.from_pretrained(lm)
@@ -82,9 +86,11 @@ def test_loss_gradient_is_the_advantage_weighted_logprob_gradient(tiny):
     adv = torch.tensor([[0.7, -0.7], [0.0, 1.2]])
     beta = 0.1
 
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves the weights; the gradient stays
+    # lr 0: the step leaves the weights; the gradient stays
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
     opt.zero_grad = lambda set_to_none=True: None
-    grpo.policy_step(model, ref, opt, tok, captions, codes, adv, first_id, K, beta, micro_batch=3, grad_clip=0)
+    grpo.policy_step(model, ref, opt, tok, captions, codes, adv, first_id, K, beta, micro_batch=3,
+                     grad_clip=0)
     fast = {n: p.grad.clone() for n, p in model.named_parameters()}
 
     model.zero_grad()
@@ -109,10 +115,12 @@ def test_a_step_raises_the_likelihood_of_rewarded_images(tiny):
     first_id = data.first_image_id(model.args.vocab_size, K, tok.get_vocab_size())
     codes = torch.randint(0, K, (1, 2, 2, 2), generator=torch.Generator().manual_seed(1))
     adv = grpo.group_advantages([[1.0, 0.0]])
-    before = [slow_logprobs(model, tok, "a red circle", codes[0, g], first_id, K).sum().item() for g in range(2)]
+    before = [slow_logprobs(model, tok, "a red circle", codes[0, g], first_id, K).sum().item()
+              for g in range(2)]
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     grpo.policy_step(model, None, opt, tok, ["a red circle"], codes, adv, first_id, K, 0.0, 8, 0)
-    after = [slow_logprobs(model, tok, "a red circle", codes[0, g], first_id, K).sum().item() for g in range(2)]
+    after = [slow_logprobs(model, tok, "a red circle", codes[0, g], first_id, K).sum().item()
+             for g in range(2)]
     assert after[0] > before[0] and after[1] < before[1]
 
 
@@ -122,36 +130,47 @@ def read_log(out):
 
 def test_run_writes_checkpoints_and_resumed_equals_uninterrupted(tiny, tmp_path, monkeypatch):
     lm, vq = tiny
-    # a random model never draws a caption's scene (GenEval reward 0 everywhere, so no gradient): reward brightness
-    monkeypatch.setattr(grpo, "geneval_reward", lambda captions, images: images.mean(axis=(2, 3, 4)) / 255)
-    argv = ["--ckpt", lm, "--vq", vq, "--size", "32", "--prompts", "3", "--group", "2", "--lr", "1e-2",
-            "--beta", "0.04", "--steps", "2", "--save-every", "1", "--keep", "0", "--no-progress"]
+    # a random model never draws a caption's scene (GenEval reward 0 everywhere, so no gradient):
+    # reward brightness
+    monkeypatch.setattr(grpo, "geneval_reward",
+                        lambda captions, images: images.mean(axis=(2, 3, 4)) / 255)
+    argv = ["--ckpt", lm, "--vq", vq, "--size", "32", "--prompts", "3", "--group", "2",
+            "--lr", "1e-2", "--beta", "0.04", "--steps", "2", "--save-every", "1", "--keep", "0",
+            "--no-progress"]
     grpo.main([*argv, "--out", str(tmp_path / "a")])
     grpo.main([*argv, "--out", str(tmp_path / "b"), "--stop-after", "1"])
     grpo.main([*argv, "--out", str(tmp_path / "b"), "--resume"])
     a, b = tmp_path / "a" / "step_0000002", tmp_path / "b" / "step_0000002"
     assert (tmp_path / "a" / "latest").read_text().strip() == "step_0000002"
-    wa, wb = Transformer.from_pretrained(a).state_dict(), Transformer.from_pretrained(b).state_dict()
+    wa = Transformer.from_pretrained(a).state_dict()
+    wb = Transformer.from_pretrained(b).state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     start = Transformer.from_pretrained(lm).state_dict()
     assert any(not torch.equal(wa[k], start[k]) for k in wa)  # it trained
     assert read_log(tmp_path / "a") == [dict(r, rollout_s=x["rollout_s"], update_s=x["update_s"])
-                                       for r, x in zip(read_log(tmp_path / "b"), read_log(tmp_path / "a"))]
+                                       for r, x in zip(read_log(tmp_path / "b"),
+                                                       read_log(tmp_path / "a"))]
     # a checkpoint is a complete one: sample.py's defaults travel with it
     assert json.loads((a / "generation_config.json").read_text())["guidance_scale"] == 2.0
     log = read_log(tmp_path / "a")
-    assert [r["step"] for r in log] == [1, 2] and all(0 <= r["reward"] <= 1 and "kl" in r for r in log)
+    assert [r["step"] for r in log] == [1, 2] and all(0 <= r["reward"] <= 1 and "kl" in r
+                                                      for r in log)
 
 
-@pytest.mark.parametrize("flags, word", [(["--group", "1"], "--group"), (["--categories", "cats"], "cats"),
-                                         (["--steps", "0"], "--steps"), (["--cfg", "inf"], "guidance scale"),
-                                         (["--window", "4"], "add --jacobi"), (["--size", "4096"], "positions"),
-                                         (["--size", "30"], "not a multiple of"), (["--dtype", "x"], "invalid")])
+@pytest.mark.parametrize("flags, word", [(["--group", "1"], "--group"),
+                                         (["--categories", "cats"], "cats"),
+                                         (["--steps", "0"], "--steps"),
+                                         (["--cfg", "inf"], "guidance scale"),
+                                         (["--window", "4"], "add --jacobi"),
+                                         (["--size", "4096"], "positions"),
+                                         (["--size", "30"], "not a multiple of"),
+                                         (["--dtype", "x"], "invalid")])
 def test_cli_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, flags, word):
     lm, vq = tiny
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         grpo.main(["--ckpt", lm, "--vq", vq, "--out", str(out), *flags])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "\n" not in err and word in err and err.startswith("grpo.py: error: ")
+    assert (e.value.code == 2 and "\n" not in err and word in err
+            and err.startswith("grpo.py: error: "))
     assert not out.exists()  # found before anything was written

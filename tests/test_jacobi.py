@@ -1,5 +1,6 @@
-"""jacobi.py: greedy codes equal plain decoding's, sampled codes have exactly its distribution (tested against the
-distribution computed by enumeration), rows advance independently, the options and their errors."""
+"""jacobi.py: greedy codes equal plain decoding's, sampled codes have exactly its distribution
+(tested against the distribution computed by enumeration), rows advance independently, the options
+and their errors."""
 import math
 
 import pytest
@@ -15,8 +16,8 @@ TEXT = 307  # 300 text ids + 7 special tokens, then the codes
 
 
 def tiny_lm(codes, seed=0, bias=0.1, scale=1.0):
-    """A random Qwen2 with SimpleAR's vocabulary layout; scale multiplies the (tied) embedding, and so the
-    logits: large for greedy codes that vary, small for distributions worth sampling."""
+    """A random Qwen2 with SimpleAR's vocabulary layout; scale multiplies the (tied) embedding, and
+    so the logits: large for greedy codes that vary, small for distributions worth sampling."""
     torch.manual_seed(seed)
     m = Transformer(ModelArgs(vocab_size=TEXT + codes, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                               intermediate_size=64, bos_token_id=None, eos_token_id=None)).eval()
@@ -41,32 +42,35 @@ def lm():
 @pytest.mark.parametrize("options", [dict(init="above"), dict(init="left", coupling=False),
                                      dict(init="random", coupling=True)])
 def test_greedy_equals_plain_decoding(lm, window, options):
-    """top-k 1 makes every step an argmax: Jacobi must give plain decoding's codes, whatever the window (40 is
-    clipped to the 16 tokens), the initial drafts, the coupling and the batch."""
+    """top-k 1 makes every step an argmax: Jacobi must give plain decoding's codes, whatever the
+    window (40 is clipped to the 16 tokens), the initial drafts, the coupling and the batch."""
     s = Sampling(guidance_scale=3.0, top_k=1, repetition_penalty=1.3)
     want = sample.generate(lm, PROMPTS, NEGATIVE, TEXT, 64, 16, [0, 1, 2, 3], s, progress=False)
     stats = Stats()
-    got = jacobi.generate(lm, PROMPTS, NEGATIVE, TEXT, 64, 16, [0, 1, 2, 3], s, Jacobi(window, **options),
-                          width=4, stats=stats, progress=False)
+    got = jacobi.generate(lm, PROMPTS, NEGATIVE, TEXT, 64, 16, [0, 1, 2, 3], s,
+                          Jacobi(window, **options), width=4, stats=stats, progress=False)
     assert torch.equal(got, want)
     assert min(len(set(row)) for row in want.tolist()) >= 10  # codes worth comparing
-    alone = jacobi.generate(lm, PROMPTS[1:2], NEGATIVE, TEXT, 64, 16, [9], s, Jacobi(window, **options), width=4,
-                            progress=False)
+    alone = jacobi.generate(lm, PROMPTS[1:2], NEGATIVE, TEXT, 64, 16, [9], s,
+                            Jacobi(window, **options), width=4, progress=False)
     assert torch.equal(alone[0], want[1])
-    assert sum(stats.committed[c] * c for c in range(len(stats.committed))) == 4 * 15  # all but the prefill's
+    # all but the prefill's
+    assert sum(stats.committed[c] * c for c in range(len(stats.committed))) == 4 * 15
     assert all(1 < f <= 16 for f in stats.forwards) and len(stats.forwards) == 4
     if window == 1:
         assert stats.forwards == [16] * 4  # one token per forward: plain decoding
 
 
 def test_rows_advance_independently_of_their_batch():
-    """Sampled codes of an image depend on its prompt and seed only, not on which images share its batch, though
-    each row commits a different number of tokens per forward."""
+    """Sampled codes of an image depend on its prompt and seed only, not on which images share its
+    batch, though each row commits a different number of tokens per forward."""
     lm = tiny_lm(64, bias=3.0)
-    s = Sampling(guidance_scale=2.0, temperature=5.0, top_k=20, top_p=0.95, repetition_penalty=1.1)
+    s = Sampling(guidance_scale=2.0, temperature=5.0, top_k=20, top_p=0.95,
+                 repetition_penalty=1.1)
     together = jacobi.generate(lm, PROMPTS, NEGATIVE, TEXT, 64, 16, [5, 6, 7, 8], s, progress=False)
     for i in (0, 3):
-        alone = jacobi.generate(lm, [PROMPTS[i]], NEGATIVE, TEXT, 64, 16, [5 + i], s, progress=False)
+        alone = jacobi.generate(lm, [PROMPTS[i]], NEGATIVE, TEXT, 64, 16, [5 + i], s,
+                                progress=False)
         assert torch.equal(alone[0], together[i])
     assert not torch.equal(together[0], together[2])  # same prompt, other seed
     assert min(len(set(row)) for row in together.tolist()) >= 5
@@ -74,13 +78,16 @@ def test_rows_advance_independently_of_their_batch():
 
 @pytest.mark.parametrize("speculative", [None, Jacobi(), Jacobi(5, "random")])
 def test_batch_independence_in_bf16(speculative):
-    """In bf16 too (where a changed reduction order shows in the codes), an image's codes do not depend on its
-    batch: prompts of other lengths, rows at other positions. Plain decoding and Jacobi alike."""
+    """In bf16 too (where a changed reduction order shows in the codes), an image's codes do not
+    depend on its batch: prompts of other lengths, rows at other positions. Plain decoding and
+    Jacobi alike."""
     lm = tiny_lm(64, bias=3.0).to(torch.bfloat16).prepare_decoding((TEXT, TEXT + 64))
     s = Sampling(guidance_scale=2.0, temperature=5.0, top_k=20, repetition_penalty=1.1)
-    run = (lambda prompts, seeds: sample.generate(lm, prompts, NEGATIVE, TEXT, 64, 16, seeds, s, progress=False)
+    run = (lambda prompts, seeds: sample.generate(lm, prompts, NEGATIVE, TEXT, 64, 16, seeds, s,
+                                                  progress=False)
            if speculative is None else
-           jacobi.generate(lm, prompts, NEGATIVE, TEXT, 64, 16, seeds, s, speculative, width=4, progress=False))
+           jacobi.generate(lm, prompts, NEGATIVE, TEXT, 64, 16, seeds, s, speculative, width=4,
+                           progress=False))
     together = run(PROMPTS, [5, 6, 7, 8])
     for i in range(4):
         assert torch.equal(run([PROMPTS[i]], [5 + i])[0], together[i]), i
@@ -89,41 +96,47 @@ def test_batch_independence_in_bf16(speculative):
 
 def test_unguided_and_window_one_runs(lm):
     s = Sampling(guidance_scale=1.0, temperature=2.0)
-    codes = jacobi.generate(lm, PROMPTS, NEGATIVE, TEXT, 64, 9, [0, 1, 2, 3], s, Jacobi(3, "above"), progress=False)
+    codes = jacobi.generate(lm, PROMPTS, NEGATIVE, TEXT, 64, 9, [0, 1, 2, 3], s, Jacobi(3, "above"),
+                            progress=False)
     assert codes.shape == (4, 9) and codes.min() >= 0 and codes.max() < 64
 
 
 # ------------------------------------------------------------------------------------------------
 # exactness in distribution: Jacobi's samples against the distribution plain decoding samples from
 
-K, LENGTH, SAMPLES = 6, 5, 24000
-SETTINGS = Sampling(guidance_scale=2.0, temperature=1.8, top_k=5, top_p=0.97, repetition_penalty=1.5)
+K = 6
+LENGTH = 5
+SAMPLES = 24000
+SETTINGS = Sampling(guidance_scale=2.0, temperature=1.8, top_k=5, top_p=0.97,
+                    repetition_penalty=1.5)
 PROMPT = [301, 5, 17, 302]
 
 
 @torch.no_grad()
 def exact_distribution(model, s):
-    """P(codes) of every code sequence of LENGTH codes under plain decoding's pipeline, by enumeration: one
-    uncached forward per prefix and branch. → {sequence: probability}."""
+    """P(codes) of every code sequence of LENGTH codes under plain decoding's pipeline, by
+    enumeration: one uncached forward per prefix and branch. → {sequence: probability}."""
     probs = {(): 1.0}
     for t in range(LENGTH):
         prefixes = list(probs)
-        cond = model(torch.tensor([PROMPT + [TEXT + c for c in x] for x in prefixes]), vocab=(TEXT, TEXT + K))[:, -1]
-        uncond = model(torch.tensor([NEGATIVE + [TEXT + c for c in x] for x in prefixes]), vocab=(TEXT, TEXT + K))
+        cond = model(torch.tensor([PROMPT + [TEXT + c for c in x] for x in prefixes]),
+                     vocab=(TEXT, TEXT + K))[:, -1]
+        uncond = model(torch.tensor([NEGATIVE + [TEXT + c for c in x] for x in prefixes]),
+                       vocab=(TEXT, TEXT + K))
         seen = torch.zeros(len(prefixes), K, dtype=torch.bool)
         for i, x in enumerate(prefixes):
             seen[i, list(x)] = True
         p = torch.softmax(sample.guided_scores(cond, uncond[:, -1], seen, s), -1).double()
-        probs = {x + (c,): probs[x] * p[i, c].item() for i, x in enumerate(prefixes) for c in range(K)
-                 if p[i, c] > 0}
+        probs = {x + (c,): probs[x] * p[i, c].item() for i, x in enumerate(prefixes)
+                 for c in range(K) if p[i, c] > 0}
     return probs
 
 
 def chi_square_failures(codes, exact, alpha=1e-3):
-    """The (positions, statistic, threshold) of every per-position marginal and adjacent-pair joint whose
-    chi-square goodness-of-fit test rejects (cells with expected count < 5 pooled). Bonferroni: each of
-    the 2 * LENGTH - 1 statistics is tested at alpha / their number, so that exact samples fail the
-    whole test with probability alpha at most."""
+    """The (positions, statistic, threshold) of every per-position marginal and adjacent-pair joint
+    whose chi-square goodness-of-fit test rejects (cells with expected count < 5 pooled).
+    Bonferroni: each of the 2 * LENGTH - 1 statistics is tested at alpha / their number, so that
+    exact samples fail the whole test with probability alpha at most."""
     failures = []
     groups = [(t,) for t in range(LENGTH)] + [(t, t + 1) for t in range(LENGTH - 1)]
     alpha = alpha / len(groups)
@@ -135,8 +148,11 @@ def chi_square_failures(codes, exact, alpha=1e-3):
         got = {}
         for row in codes[:, list(where)].tolist():
             got[tuple(row)] = got.get(tuple(row), 0) + 1
-        assert set(got) <= set(want), f"positions {where}: a sequence of probability 0 was sampled"
-        cells, pooled_e, pooled_o = [], 0.0, 0
+        assert set(got) <= set(want), (f"positions {where}: "
+                                       "a sequence of probability 0 was sampled")
+        cells = []
+        pooled_e = 0.0
+        pooled_o = 0
         for key, p in want.items():
             e, o = p * len(codes), got.get(key, 0)
             if e < 5:
@@ -153,7 +169,8 @@ def chi_square_failures(codes, exact, alpha=1e-3):
 
 
 def chi2_quantile(df, q):
-    """The q-quantile of chi-square with df degrees of freedom (Wilson-Hilferty; within 1% for df >= 3)."""
+    """The q-quantile of chi-square with df degrees of freedom (Wilson-Hilferty; within 1% for
+    df >= 3)."""
     z = math.sqrt(2) * erfinv(2 * q - 1)
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
@@ -173,11 +190,11 @@ def small():
 
 
 def test_the_test_sees_a_two_point_bias(small):
-    """Power check: plain decoding passes; the same samples with 2% of the mass moved from one code to
-    another at one position fail."""
+    """Power check: plain decoding passes; the same samples with 2% of the mass moved from one code
+    to another at one position fail."""
     model, exact = small
-    codes = sample.generate(model, [PROMPT] * SAMPLES, NEGATIVE, TEXT, K, LENGTH, range(SAMPLES), SETTINGS,
-                            progress=False)
+    codes = sample.generate(model, [PROMPT] * SAMPLES, NEGATIVE, TEXT, K, LENGTH, range(SAMPLES),
+                            SETTINGS, progress=False)
     assert chi_square_failures(codes, exact) == []
     marginal = torch.bincount(codes[:, 2], minlength=K)
     src, dst = int(marginal.argmax()), int(marginal.argmin())
@@ -187,21 +204,22 @@ def test_the_test_sees_a_two_point_bias(small):
     assert chi_square_failures(biased, exact)
 
 
-@pytest.mark.parametrize("options", [Jacobi(4, "random", coupling=False), Jacobi(4, "above"), Jacobi(3, "left"),
-                                     Jacobi()])
+@pytest.mark.parametrize("options", [Jacobi(4, "random", coupling=False), Jacobi(4, "above"),
+                                     Jacobi(3, "left"), Jacobi()])
 def test_jacobi_samples_have_plain_decodings_distribution(small, options):
     model, exact = small
-    codes = jacobi.generate(model, [PROMPT] * SAMPLES, NEGATIVE, TEXT, K, LENGTH, range(SAMPLES), SETTINGS,
-                            options, width=2, progress=False)
+    codes = jacobi.generate(model, [PROMPT] * SAMPLES, NEGATIVE, TEXT, K, LENGTH, range(SAMPLES),
+                            SETTINGS, options, width=2, progress=False)
     assert chi_square_failures(codes, exact) == []
 
 
 def test_argmax_drafts_with_soft_q_are_caught(small, monkeypatch):
-    """SimpleAR's SJD verifies argmax drafts against soft probabilities: the same test rejects it."""
+    """SimpleAR's SJD verifies argmax drafts against soft probabilities: the same test rejects
+    it."""
     model, exact = small
     monkeypatch.setattr(jacobi, "draft_from", lambda p, u: p.argmax(-1))
-    codes = jacobi.generate(model, [PROMPT] * SAMPLES, NEGATIVE, TEXT, K, LENGTH, range(SAMPLES), SETTINGS,
-                            Jacobi(4, "random", coupling=False), width=2, progress=False)
+    codes = jacobi.generate(model, [PROMPT] * SAMPLES, NEGATIVE, TEXT, K, LENGTH, range(SAMPLES),
+                            SETTINGS, Jacobi(4, "random", coupling=False), width=2, progress=False)
     failures = chi_square_failures(codes, exact)
     print("argmax drafts, soft q:", failures)
     assert failures
@@ -211,7 +229,8 @@ def test_argmax_drafts_with_soft_q_are_caught(small, monkeypatch):
 # options
 
 @pytest.mark.parametrize("kw,match", [(dict(window=0), "window"), (dict(window=2.5), "window"),
-                                      (dict(window=True), "window"), (dict(init="below"), "draft init")])
+                                      (dict(window=True), "window"),
+                                      (dict(init="below"), "draft init")])
 def test_bad_options(kw, match):
     with pytest.raises(ValueError, match=match):
         Jacobi(**kw)

@@ -1,4 +1,5 @@
-"""model.py against transformers' Qwen2 (the reference), and the cached paths against the uncached one."""
+"""model.py against transformers' Qwen2 (the reference), and the cached paths against the uncached
+one."""
 import json
 import os
 
@@ -50,6 +51,31 @@ def test_parity_with_transformers(tmp_path, tie, heads, kv):
     assert (got - want).abs().max() < 1e-4
 
 
+def test_head_and_legacy_keys_load_as_transformers_loads_them(tmp_path):
+    """A tied config whose file holds a different lm_head.weight (transformers >= 5 then keeps that
+    head), the same head (tied), and the rotary_emb.inv_freq buffers older transformers saved
+    (skipped)."""
+    from safetensors.torch import save_file
+    ref = random_hf(True)
+    d = save_hf(ref, tmp_path / "base")
+    tensors = read_safetensors(d)
+    tokens = torch.randint(0, VOCAB, (2, 11))
+    for name, head in (("own_head", torch.randn(VOCAB, 64) * 0.05),
+                       ("same_head", tensors["model.embed_tokens.weight"].clone())):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
+        extra = {"lm_head.weight": head,
+                 "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8),
+                 "model.rotary_emb.inv_freq": torch.ones(8)}
+        save_file({**tensors, **extra}, path / "model.safetensors", metadata={"format": "pt"})
+        ours = Transformer.from_pretrained(path)
+        assert (ours.lm_head is None) == (name == "same_head")
+        with torch.no_grad():
+            want = transformers.Qwen2ForCausalLM.from_pretrained(path).eval()(tokens).logits
+            assert (ours(tokens) - want).abs().max() < 1e-4
+
+
 def test_bf16_and_sharded_checkpoint_loads(tmp_path):
     ref = random_hf(False)
     ref.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="100KB")
@@ -78,17 +104,21 @@ def test_save_then_transformers_loads_same_logits(tmp_path):
         with torch.no_grad():
             assert (model(tokens) - ref(tokens).logits).abs().max() < 1e-4
         again = Transformer.from_pretrained(d)
-        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                     again.state_dict().values()))
 
 
 def test_from_hf_config_and_presets():
     a = ModelArgs.from_hf_config(hf_config().to_dict())
-    assert (a.vocab_size, a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim, a.rope_theta) == (VOCAB, 64, 2, 4, 2, 16, 1e6)
+    assert ((a.vocab_size, a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim, a.rope_theta)
+            == (VOCAB, 64, 2, 4, 2, 16, 1e6))
     for name, total in (("simplear-0.5b", 551.1e6), ("simplear-1.5b", 1641.6e6)):
         with torch.device("meta"):
             m = Transformer(ModelArgs.from_name(name))
         assert m.args.vocab_size == 215672
-        assert abs(m.num_params() - total) < 0.1e6  # simplear.md 1.3, tied head
+        # Qwen2.5-0.5B / 1.5B (494.0M / 1543.7M parameters) plus the 215,672 - 151,936 vocabulary
+        # rows SimpleAR adds; the head is tied
+        assert abs(m.num_params() - total) < 0.1e6
     with pytest.raises(ValueError, match="unknown model config"):
         ModelArgs.from_name("nope")
 
@@ -119,6 +149,12 @@ def test_prefill_and_decode_equal_uncached(tiny):
         for b, p in enumerate(prompts):
             full = tiny(torch.tensor([p + gen[b, :t + 1].tolist()]))
             assert (step[b, 0] - full[0, -1]).abs().max() < 1e-4
+
+
+def test_prefill_under_autograd_is_refused(tiny):
+    tiny.setup_cache(1, 64)
+    with pytest.raises(RuntimeError, match="torch.no_grad"):
+        tiny.prefill([[1, 2, 3]])
 
 
 @torch.no_grad()
@@ -157,8 +193,8 @@ def test_copy_rows_and_vocab_slice(tiny):
 
 @torch.no_grad()
 def test_per_row_positions_windows_and_rollback(tiny):
-    """Rows of one batch advance by different amounts: input_pos [B, T] puts row b's tokens at its own
-    columns. Every step is checked against an uncached forward of that row's whole sequence."""
+    """Rows of one batch advance by different amounts: input_pos [B, T] puts row b's tokens at its
+    own columns. Every step is checked against an uncached forward of that row's whole sequence."""
     torch.manual_seed(3)
     V = tiny.args.vocab_size
     prompts = [[5, 9, 100, 7, 3], [8, 1, 2], [4, 4, 4, 4, 4, 4, 4]]
@@ -237,17 +273,20 @@ def test_loading_errors(tmp_path):
     # wrong shape: the file has intermediate size 96, the config says 128
     shaped = _cfg_only(tmp_path / "shape", {**cfg, "intermediate_size": 128})
     open(shaped / "model.safetensors", "wb").write(data)
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight has shape \(96, 64\), expected \(128, 64\)"):
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight has shape "
+                       r"\(96, 64\), expected \(128, 64\)"):
         Transformer.from_pretrained(shaped)
     # missing and unexpected keys
     from safetensors.torch import save_file
     t = read_safetensors(d)
     miss = _cfg_only(tmp_path / "miss", cfg)
     save_file({k: v for k, v in t.items() if k != "model.norm.weight"}, miss / "model.safetensors")
-    with pytest.raises(ValueError, match=r"missing key model.norm.weight \(expected shape \(64,\)\)"):
+    with pytest.raises(ValueError,
+                       match=r"missing key model.norm.weight \(expected shape \(64,\)\)"):
         Transformer.from_pretrained(miss)
     extra = _cfg_only(tmp_path / "extra", cfg)
-    save_file({**t, "model.layers.0.self_attn.o_proj.bias": torch.zeros(64)}, extra / "model.safetensors")
+    save_file({**t, "model.layers.0.self_attn.o_proj.bias": torch.zeros(64)},
+              extra / "model.safetensors")
     with pytest.raises(ValueError, match="unexpected key model.layers.0.self_attn.o_proj.bias"):
         Transformer.from_pretrained(extra)
     # missing shard named by the index
@@ -279,8 +318,9 @@ def test_dtype_choice_follows_the_hardware(monkeypatch):
 
 @torch.no_grad()
 def test_prepared_decoding_kernels_match_the_plain_path(tiny):
-    """prepare_decoding's packed bf16 weights (on CPU) give the plain bf16 logits; int8 weights stay close to
-    the float ones and pick the same greedy code for nearly every row. Gradients never see either."""
+    """prepare_decoding's packed bf16 weights (on CPU) give the plain bf16 logits; int8 weights stay
+    close to the float ones and pick the same greedy code for nearly every row. Gradients never see
+    either."""
     lo, hi = FIRST_IMAGE, tiny.args.vocab_size
     tokens = torch.randint(0, lo, (4, 9))
     want = tiny(tokens, vocab=(lo, hi))
@@ -299,7 +339,8 @@ def test_prepared_decoding_kernels_match_the_plain_path(tiny):
     got = q(tokens, vocab=(lo, hi))
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
-    # bf16 activations on a CPU take PyTorch's int8 kernel (torch._weight_int8pack_mm), not the dequantization
+    # bf16 activations on a CPU take PyTorch's int8 kernel (torch._weight_int8pack_mm), not the
+    # dequantization
     q16 = Transformer(tiny.args).eval()
     q16.load_state_dict(tiny.state_dict())
     q16 = q16.to(torch.bfloat16).prepare_decoding((lo, hi), quantize="int8")

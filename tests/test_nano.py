@@ -1,10 +1,11 @@
-"""The nano recipe in CI: each stage trains a few steps at toy scale, and the shipped checkpoints/nano/ draws
-what it is asked for.
+"""The nano recipe in CI: each stage trains a few steps at toy scale, and the shipped
+checkpoints/nano/ draws what it is asked for.
 
     python -m pytest -q tests/test_nano.py
 
-The training tests check plumbing (a checkpoint that loads and round-trips), not quality; the GenEval-nano test
-is the quality floor of the shipped model, on a few prompts so that it runs in seconds.
+The training tests check plumbing (a checkpoint that loads and round-trips), not quality; the
+GenEval-nano test is the quality floor of the shipped model, on a few prompts so that it runs in
+seconds.
 """
 import json
 import os
@@ -41,6 +42,9 @@ def test_train_vq_writes_a_loadable_tokenizer_and_its_log(tiny_vq):
     assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
     assert result["grid"] == 4 and np.isfinite(result["held_out_psnr"])
     assert json.load(open(os.path.join(out, "psnr.json"))) == result
+    # every file written under its final name: no temporary left over
+    files = ["config.json", "log.jsonl", "model.safetensors", "psnr.json"]
+    assert sorted(os.listdir(out)) == files
     vq = CosmosTokenizer.from_pretrained(out)
     codes = vq.encode(torch.zeros(2, 3, 32, 32))
     assert codes.shape == (2, 4, 4) and vq.decode(codes).shape == (2, 3, 32, 32)
@@ -48,8 +52,8 @@ def test_train_vq_writes_a_loadable_tokenizer_and_its_log(tiny_vq):
 
 def test_train_vq_levels_set_the_codebook(tmp_path, capsys):
     result = train_vq.train(train_vq.get_parser().parse_args(
-        ["--out", str(tmp_path), "--size", "32", "--steps", "1", "--batch-size", "2", "--train-images", "2",
-         "--val-images", "2", "--levels", "4", "3", "--no-progress"]))
+        ["--out", str(tmp_path), "--size", "32", "--steps", "1", "--batch-size", "2",
+         "--train-images", "2", "--val-images", "2", "--levels", "4", "3", "--no-progress"]))
     assert result["codebook_size"] == 12
     vq = CosmosTokenizer.from_pretrained(tmp_path)
     assert vq.config.levels == [4, 3] and int(vq.encode(torch.rand(2, 3, 32, 32)).max()) < 12
@@ -61,43 +65,67 @@ def test_train_vq_levels_set_the_codebook(tmp_path, capsys):
 
 def test_decoder_only_keeps_the_codes(tiny_vq, tmp_path):
     init, _ = tiny_vq
-    train_vq.main(["--init", init, "--decoder-only", "--out", str(tmp_path), "--size", "32", "--steps", "2",
-                   "--batch-size", "4", "--train-images", "8", "--val-images", "4", "--warmup-steps", "0", "--no-progress"])
-    a, b = CosmosTokenizer.from_pretrained(init), CosmosTokenizer.from_pretrained(tmp_path)
+    train_vq.main(["--init", init, "--decoder-only", "--out", str(tmp_path), "--size", "32",
+                   "--steps", "2", "--batch-size", "4", "--train-images", "8", "--val-images", "4",
+                   "--warmup-steps", "0", "--no-progress"])
+    a = CosmosTokenizer.from_pretrained(init)
+    b = CosmosTokenizer.from_pretrained(tmp_path)
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     assert torch.equal(a.encode(x), b.encode(x))
     assert not torch.equal(a.decode(a.encode(x)), b.decode(b.encode(x)))
 
 
-def test_train_vq_bad_input_is_one_line(capsys):
-    with pytest.raises(SystemExit) as e:
-        train_vq.main(["--out", "/tmp/x", "--size", "60"])
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "--size 60" in err
+def test_train_vq_bad_input_is_one_line(tmp_path, capsys):
+    """Every bad flag is one line `train_vq.py: error: ...` and exit 2, before any work; a zero or
+    negative count is refused, not replaced by a default."""
+    out = str(tmp_path / "x")
+    cases = {"--size 60": ["--size", "60"],
+             "--size must be >= 1, got 0": ["--size", "0"],
+             "--batch-size must be >= 1, got 0": ["--batch-size", "0"],
+             "--steps must be >= 1, got -3": ["--steps", "-3"],
+             "--val-images must be >= 1, got 0": ["--val-images", "0"],
+             "--warmup-steps must be >= 0, got -1": ["--warmup-steps", "-1"],
+             "--threads must be >= 0, got -2": ["--threads", "-2"],
+             "--lr must be > 0, got 0.0": ["--lr", "0"],
+             "--decoder-only needs --init": ["--decoder-only"],
+             "unknown Cosmos preset 'huge'": ["--config", "huge"],
+             "tokenizer directory not found": ["--init", str(tmp_path / "none")],
+             "invalid int value: 'many'": ["--steps", "many"],
+             "unrecognized arguments: --frobnicate": ["--frobnicate"]}
+    for needle, argv in cases.items():
+        with pytest.raises(SystemExit) as e:
+            train_vq.main(["--out", out, "--no-progress", *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, (argv, err)
+        assert err.startswith("train_vq.py: error: ") and needle in err, (argv, err)
+    assert not os.path.exists(out)
 
 
 def test_train_lm_on_shapes_codes(tiny_vq, tmp_path):
-    """data.py shapes -> prepare with the trained tokenizer -> train.py from scratch, a few steps."""
+    """data.py shapes -> prepare with the trained tokenizer -> train.py from scratch, a few
+    steps."""
     vq_dir, _ = tiny_vq
-    data.main(["shapes", "--out", str(tmp_path / "data"), "--n", "12", "--size", "32", "--vocab-size", "300"])
-    data.main(["prepare", "--meta", str(tmp_path / "data/meta.jsonl"), "--vq", vq_dir, "--resolution", "32",
-               "--out", str(tmp_path / "codes")])
+    data.main(["shapes", "--out", str(tmp_path / "data"), "--n", "12", "--size", "32",
+               "--vocab-size", "300"])
+    data.main(["prepare", "--meta", str(tmp_path / "data/meta.jsonl"), "--vq", vq_dir,
+               "--resolution", "32", "--out", str(tmp_path / "codes")])
     out = tmp_path / "lm"
-    train.main(["--config", "tiny", "--tokenizer", str(tmp_path / "data/tokenizer"), "--data", str(tmp_path / "codes"),
-                "--out", str(out), "--steps", "3", "--batch-size", "4", "--lr", "1e-3", "--schedule", "cosine",
-                "--resolution", "32", "--peak-flops", "1e9", "--no-progress"])
+    train.main(["--config", "tiny", "--tokenizer", str(tmp_path / "data/tokenizer"),
+                "--data", str(tmp_path / "codes"), "--out", str(out), "--steps", "3",
+                "--batch-size", "4", "--lr", "1e-3", "--schedule", "cosine", "--resolution", "32",
+                "--peak-flops", "1e9", "--no-progress"])
     ckpt = out / (out / "latest").read_text().strip()
     model, tok, vq, _ = sample.load(str(ckpt), vq_dir)
     s = sample.text_to_image(model, tok, vq, ["two red circles"], size=32, n=1, progress=False)
     assert s.images.shape == (1, 1, 32, 32, 3)
 
 
-# ----------------------------------------------------------------------------------------- the shipped model
+# ---------------------------------------------------------------------------- the shipped model
 def test_shipped_files_and_size():
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
                  "vq/config.json", "vq/model.safetensors"):
-        assert os.path.isfile(os.path.join(NANO, name)), f"{name} missing: rebuild with `bash recipes/nano.sh`"
+        path = os.path.join(NANO, name)
+        assert os.path.isfile(path), f"{name} missing: rebuild with `bash recipes/nano.sh`"
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(NANO) for f in fs)
     assert size <= 30 * 2 ** 20
     tok = data.load_text_tokenizer(NANO)
@@ -112,14 +140,15 @@ def nano():
 def test_shipped_model_generates_any_prompt(nano):
     model, tok, vq, _ = nano
     # the first is the nano grammar, the second is not: it must still draw something, not fail
-    s = sample.text_to_image(model, tok, vq, ["two red circles", "a zebra riding a bicycle, über-realistic"],
-                             size=64, n=1, progress=False)
+    prompts = ["two red circles", "a zebra riding a bicycle, über-realistic"]
+    s = sample.text_to_image(model, tok, vq, prompts, size=64, n=1, progress=False)
     assert s.images.shape == (2, 1, 64, 64, 3) and s.codes.shape == (2, 1, 8, 8)
 
 
 def test_shipped_model_geneval_floor(nano, tmp_path):
-    """One prompt per category, two images each, at the default sampling settings: above chance (an untrained model
-    scores 0). The shipped model scored 0.75 here and 0.821 on the full set (eval.py --n 4 --size 64)."""
+    """One prompt per category, two images each, at the default sampling settings: above chance
+    (an untrained model scores 0). The shipped model scored 0.75 here and 0.821 on the full set
+    (eval.py --n 4 --size 64)."""
     result = geneval.run_geneval(NANO, os.path.join(NANO, "vq"), str(tmp_path), n=2, size=64,
                                  prompts=geneval.prompt_set(1), progress=False)
     assert set(result["categories"]) == set(data.CATEGORIES)
@@ -127,14 +156,17 @@ def test_shipped_model_geneval_floor(nano, tmp_path):
 
 
 def test_recipe_runs_at_toy_scale(tmp_path):
-    """recipes/nano.sh end to end with every size shrunk: the commands and the shipping step fit together."""
-    env = dict(os.environ, WORK=str(tmp_path / "work"), OUT=str(tmp_path / "ship"), THREADS="1", PYTHON=sys.executable,
-               N_IMAGES="16", IMAGE_SIZE="32", VQ_STEPS="2", VQ_IMAGES="8", LM_STEPS="2", LM_BATCH="4",
-               LM_CONFIG="tiny", RL_STEPS="1", RL_PROMPTS="2", RL_GROUP="2", EVAL_ARGS="--prompts-per-category 1 --n 1")
-    r = subprocess.run(["bash", os.path.join(ROOT, "recipes", "nano.sh")], env=env, capture_output=True, text=True)
+    """recipes/nano.sh end to end with every size shrunk: the commands and the shipping step fit
+    together."""
+    env = dict(os.environ, WORK=str(tmp_path / "work"), OUT=str(tmp_path / "ship"), THREADS="1",
+               PYTHON=sys.executable, N_IMAGES="16", IMAGE_SIZE="32", VQ_STEPS="2",
+               VQ_IMAGES="8", LM_STEPS="2", LM_BATCH="4", LM_CONFIG="tiny", RL_STEPS="1",
+               RL_PROMPTS="2", RL_GROUP="2", EVAL_ARGS="--prompts-per-category 1 --n 1")
+    script = os.path.join(ROOT, "recipes", "nano.sh")
+    r = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "wall time per stage" in r.stdout
-    for name in ("model.safetensors", "tokenizer.json", "generation_config.json", "vq/model.safetensors",
-                 "eval/results.json", "eval_before_rl/results.json", "samples_grid.png", "log.jsonl", "rl_log.jsonl",
-                 "vq/log.jsonl", "vq/psnr.json"):
+    for name in ("model.safetensors", "tokenizer.json", "generation_config.json",
+                 "vq/model.safetensors", "eval/results.json", "eval_before_rl/results.json",
+                 "samples_grid.png", "log.jsonl", "rl_log.jsonl", "vq/log.jsonl", "vq/psnr.json"):
         assert os.path.isfile(tmp_path / "ship" / name), name

@@ -1,4 +1,5 @@
-"""sample.py: the decode loop against a slow uncached reference, the sampling primitives, the CLI."""
+"""sample.py: the decode loop against a slow uncached reference, the sampling primitives, the
+CLI."""
 import json
 import os
 import re
@@ -15,7 +16,8 @@ from data import NEGATIVE_PROMPT, load_text_tokenizer
 from fixtures import write_tiny_lm, write_tiny_vq
 from model import ModelArgs, Transformer, resolve_dtype
 import sample
-from sample import Sampling, cfg_combine, draw, filter_logits, generate, guided_scores, main, text_to_image
+from sample import (Sampling, cfg_combine, draw, filter_logits, generate, guided_scores, main,
+                    text_to_image)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,8 +27,8 @@ TEXT, CODES = 307, 64  # 300 text ids + 7 special tokens, then a 64-code book (l
 
 def tiny_lm(vocab=TEXT + CODES, seed=0):
     torch.manual_seed(seed)
-    m = Transformer(ModelArgs(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
-                              bos_token_id=None, eos_token_id=None)).eval()
+    m = Transformer(ModelArgs(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                              intermediate_size=64, bos_token_id=None, eos_token_id=None)).eval()
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "bias" in n:
@@ -41,9 +43,9 @@ def lm():
 
 @torch.no_grad()
 def slow_greedy(model, prompt, negative, n_tokens, cfg, penalty):
-    """SimpleAR's HF path recomputed from scratch for every token, on the full vocabulary: penalty on
-    every id of the conditional input (prompt text included), log-softmax, guidance, then the text
-    rows masked out (where SimpleAR would clamp) and argmax."""
+    """SimpleAR's HF path recomputed from scratch for every token, on the full vocabulary: penalty
+    on every id of the conditional input (prompt text included), log-softmax, guidance, then the
+    text rows masked out (where SimpleAR would clamp) and argmax."""
     out = []
     for _ in range(n_tokens):
         ids = prompt + [TEXT + c for c in out]
@@ -94,7 +96,8 @@ def test_filter_logits_matches_transformers_warpers():
     torch.manual_seed(0)
     x = torch.randn(4, CODES) * 3
     ids = torch.zeros(4, 1, dtype=torch.long)
-    for t, k, p in [(0.7, 10, 1.0), (1.0, None, 0.8), (1.3, 20, 0.5), (1.0, 1, 1.0), (2.0, CODES + 5, 0.05)]:
+    for t, k, p in [(0.7, 10, 1.0), (1.0, None, 0.8), (1.3, 20, 0.5), (1.0, 1, 1.0),
+                    (2.0, CODES + 5, 0.05)]:
         want = x / t
         if k is not None:
             want = transformers.TopKLogitsWarper(min(k, CODES))(ids, want)
@@ -108,7 +111,8 @@ def test_filter_logits_matches_transformers_warpers():
 
 def test_sampled_codes_are_always_image_codes(lm):
     prompts = [[301, 5, 302], [301, 6, 7, 8, 302]]
-    for t, k, p in [(1.0, None, 1.0), (5.0, None, 1.0), (0.2, 3, 1.0), (1.0, 1000, 0.3), (10.0, 2, 0.9)]:
+    for t, k, p in [(1.0, None, 1.0), (5.0, None, 1.0), (0.2, 3, 1.0), (1.0, 1000, 0.3),
+                    (10.0, 2, 0.9)]:
         s = Sampling(guidance_scale=6.0, temperature=t, top_k=k, top_p=p)
         codes = generate(lm, prompts, [301, 302], TEXT, CODES, 8, [3, 4], s, progress=False)
         assert codes.min() >= 0 and codes.max() < CODES
@@ -116,7 +120,8 @@ def test_sampled_codes_are_always_image_codes(lm):
     biased = tiny_lm()
     with torch.no_grad():
         biased.embed_tokens.weight[:TEXT] *= 50
-    codes = generate(biased, prompts, [301, 302], TEXT, CODES, 8, [3, 4], Sampling(temperature=5.0), progress=False)
+    codes = generate(biased, prompts, [301, 302], TEXT, CODES, 8, [3, 4], Sampling(temperature=5.0),
+                     progress=False)
     assert codes.min() >= 0 and codes.max() < CODES
 
 
@@ -127,15 +132,20 @@ def test_top_k_and_top_p_restrict_the_support():
     s = guided_scores(cond, uncond, seen, Sampling(guidance_scale=4.0, top_k=5))
     assert (torch.isfinite(s).sum(-1) == 5).all()
     best = guided_scores(cond, uncond, seen, Sampling(guidance_scale=4.0)).argmax(-1)
-    only_best = guided_scores(cond, uncond, seen, Sampling(guidance_scale=4.0, top_p=1e-6)).isfinite()
+    only_best = guided_scores(cond, uncond, seen,
+                              Sampling(guidance_scale=4.0, top_p=1e-6)).isfinite()
     assert torch.equal(only_best, torch.nn.functional.one_hot(best, CODES).bool())
 
 
 def test_same_seed_same_codes_and_batch_independence(lm):
-    a, b, neg = [301, 5, 17, 302], [301, 9, 9, 9, 9, 9, 302], [301, 8, 302]
-    kw = dict(sampling=Sampling(guidance_scale=6.0, top_k=40, top_p=0.95, repetition_penalty=1.1), progress=False)
+    a = [301, 5, 17, 302]
+    b = [301, 9, 9, 9, 9, 9, 302]
+    neg = [301, 8, 302]
+    kw = dict(sampling=Sampling(guidance_scale=6.0, top_k=40, top_p=0.95, repetition_penalty=1.1),
+              progress=False)
     together = generate(lm, [a, a, b, b], neg, TEXT, CODES, 10, [0, 1, 0, 1], **kw)
-    assert torch.equal(together, generate(lm, [a, a, b, b], neg, TEXT, CODES, 10, [0, 1, 0, 1], **kw))
+    assert torch.equal(together, generate(lm, [a, a, b, b], neg, TEXT, CODES, 10, [0, 1, 0, 1],
+                                          **kw))
     assert torch.equal(together[:2], generate(lm, [a, a], neg, TEXT, CODES, 10, [0, 1], **kw))
     assert torch.equal(together[3:], generate(lm, [b], neg, TEXT, CODES, 10, [1], **kw))
     assert not torch.equal(together[0], together[1])  # seeds differ → images differ
@@ -145,11 +155,12 @@ BAD_SETTINGS = [
     (dict(guidance_scale=-1), "guidance"), (dict(guidance_scale=float("inf")), "guidance"),
     (dict(guidance_scale=float("nan")), "guidance"), (dict(guidance_scale=1e30), "guidance"),
     (dict(temperature=0), "temperature"), (dict(temperature=float("inf")), "temperature"),
-    (dict(temperature=float("nan")), "temperature"), (dict(top_k=0), "top-k"), (dict(top_k=2.5), "top-k"),
-    (dict(top_k=True), "top-k"), (dict(top_p=0), "top-p"), (dict(top_p=1.5), "top-p"),
-    (dict(top_p=float("nan")), "top-p"), (dict(repetition_penalty=0), "penalty"),
-    (dict(repetition_penalty=float("inf")), "penalty"), (dict(repetition_penalty=1e-30), "penalty"),
-    (dict(negative_prompt=None), "negative prompt"), (dict(guidance_scale="6"), "guidance"),
+    (dict(temperature=float("nan")), "temperature"), (dict(top_k=0), "top-k"),
+    (dict(top_k=2.5), "top-k"), (dict(top_k=True), "top-k"), (dict(top_p=0), "top-p"),
+    (dict(top_p=1.5), "top-p"), (dict(top_p=float("nan")), "top-p"),
+    (dict(repetition_penalty=0), "penalty"), (dict(repetition_penalty=float("inf")), "penalty"),
+    (dict(repetition_penalty=1e-30), "penalty"), (dict(negative_prompt=None), "negative prompt"),
+    (dict(guidance_scale="6"), "guidance"),
 ]
 
 
@@ -159,18 +170,22 @@ def test_bad_settings_raise(kw, match):
         Sampling(**kw)
 
 
-@pytest.mark.parametrize("kw", [dict(guidance_scale=Sampling.MAX_GUIDANCE, top_k=5), dict(temperature=1e-38),
-                                dict(temperature=1e38), dict(repetition_penalty=Sampling.MAX_PENALTY),
-                                dict(repetition_penalty=1 / Sampling.MAX_PENALTY), dict(top_p=1e-9)])
+@pytest.mark.parametrize("kw", [dict(guidance_scale=Sampling.MAX_GUIDANCE, top_k=5),
+                                dict(temperature=1e-38), dict(temperature=1e38),
+                                dict(repetition_penalty=Sampling.MAX_PENALTY),
+                                dict(repetition_penalty=1 / Sampling.MAX_PENALTY),
+                                dict(top_p=1e-9)])
 def test_extreme_valid_settings_still_sample_codes(lm, kw):
-    """The edges of every valid range give codes, never NaN or an error (as `--cfg inf` once did)."""
-    codes = generate(lm, [[301, 5, 302]], [301, 302], TEXT, CODES, 6, [0], Sampling(**kw), progress=False)
+    """The edges of every valid range give codes, never NaN or an error (as `--cfg inf` once
+    did)."""
+    codes = generate(lm, [[301, 5, 302]], [301, 302], TEXT, CODES, 6, [0], Sampling(**kw),
+                     progress=False)
     assert codes.min() >= 0 and codes.max() < CODES
 
 
 def test_draw_is_the_distribution():
-    """Inverse-CDF draws against the probabilities: a chi-square test at a fixed seed, with zero-probability
-    codes (top-k) never drawn even at u just below 1."""
+    """Inverse-CDF draws against the probabilities: a chi-square test at a fixed seed, with
+    zero-probability codes (top-k) never drawn even at u just below 1."""
     torch.manual_seed(0)
     scores = filter_logits(torch.randn(1, 16) * 2, top_k=10).expand(20000, 16)
     codes = draw(scores, torch.rand(20000))
@@ -197,21 +212,27 @@ def test_cli_end_to_end(ckpts, tmp_path):
     lm, vq = ckpts
     (tmp_path / "prompts.txt").write_text("A red circle!\n\n  two dogs  \n")
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "sample.py", "--prompt", "a cat wearing a hat", "--prompts-file",
-                        str(tmp_path / "prompts.txt"), "--ckpt", lm, "--vq", vq, "--size", "64", "--n", "2",
-                        "--batch-size", "3", "--out", str(out), "--grid", "--save-codes", "--device", "cpu"],
+    r = subprocess.run([sys.executable, "sample.py", "--prompt", "a cat wearing a hat",
+                        "--prompts-file", str(tmp_path / "prompts.txt"), "--ckpt", lm, "--vq", vq,
+                        "--size", "64", "--n", "2", "--batch-size", "3", "--out", str(out),
+                        "--grid", "--save-codes", "--device", "cpu"],
                        cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert re.fullmatch(r"6 images, 96 tokens in [\d.]+ s LM \(\d+ tok/s\) \+ [\d.]+ s decoder; "
-                        r"16.0 forwards per image \(plain decoding: 16\)", r.stdout.strip().splitlines()[-1])
-    stems = [f"{s}_s0_{j}" for s in ("a-cat-wearing-a-hat", "a-red-circle", "two-dogs") for j in (0, 1)]
-    assert sorted(os.listdir(out)) == sorted(["grid.png"] + [s + e for s in stems for e in (".png", ".npy")])
+                        r"16.0 forwards per image \(plain decoding: 16\)",
+                        r.stdout.strip().splitlines()[-1])
+    stems = [f"{s}_s0_{j}" for s in ("a-cat-wearing-a-hat", "a-red-circle", "two-dogs")
+             for j in (0, 1)]
+    assert sorted(os.listdir(out)) == sorted(["grid.png"] + [s + e for s in stems
+                                                             for e in (".png", ".npy")])
     pngs = [np.asarray(Image.open(out / f"{s}.png")) for s in stems]
     assert all(p.shape == (64, 64, 3) and p.dtype == np.uint8 for p in pngs)
     grid = np.asarray(Image.open(out / "grid.png"))
-    assert np.array_equal(grid, np.concatenate([np.concatenate(pngs[i:i + 2], 1) for i in (0, 2, 4)], 0))
-    decoder = CosmosTokenizer.from_pretrained(vq, dtype=resolve_dtype("auto", "cpu")[0])  # the CLI's
+    assert np.array_equal(grid, np.concatenate([np.concatenate(pngs[i:i + 2], 1)
+                                                for i in (0, 2, 4)], 0))
+    # the CLI's
+    decoder = CosmosTokenizer.from_pretrained(vq, dtype=resolve_dtype("auto", "cpu")[0])
     for s, png in zip(stems, pngs):  # the saved codes decode to the saved image, byte for byte
         codes = np.load(out / f"{s}.npy")
         assert codes.shape == (4, 4) and codes.min() >= 0 and codes.max() < 64
@@ -220,11 +241,21 @@ def test_cli_end_to_end(ckpts, tmp_path):
         assert np.array_equal(again, png)
 
 
+def test_prompts_file_with_a_byte_order_mark(ckpts, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\n\ntwo dogs\n", encoding="utf-8-sig")
+    main(["--prompts-file", str(tmp_path / "prompts.txt"), "--ckpt", ckpts[0], "--vq", ckpts[1],
+          "--size", "32", "--n", "1", "--out", str(tmp_path / "o")])
+    assert sorted(os.listdir(tmp_path / "o")) == ["a-cat_s0_0.png", "two-dogs_s0_0.png"]
+
+
 def test_same_seed_same_png_bytes(ckpts, tmp_path, capsys):
     lm, vq = ckpts
-    run = lambda out, seed: main(["--prompt", "a cat", "--ckpt", lm, "--vq", vq, "--size", "32", "--n", "2",
-                                  "--seed", str(seed), "--out", str(tmp_path / out), "--device", "cpu"])
-    run("a", 0), run("b", 0), run("c", 1)
+    run = lambda out, seed: main(["--prompt", "a cat", "--ckpt", lm, "--vq", vq, "--size", "32",
+                                  "--n", "2", "--seed", str(seed), "--out", str(tmp_path / out),
+                                  "--device", "cpu"])
+    run("a", 0)
+    run("b", 0)
+    run("c", 1)
     read = lambda out, seed, j: (tmp_path / out / f"a-cat_s{seed}_{j}.png").read_bytes()
     assert read("a", 0, 0) == read("b", 0, 0) and read("a", 0, 1) == read("b", 0, 1)
     assert read("a", 0, 0) != read("a", 0, 1)
@@ -233,11 +264,14 @@ def test_same_seed_same_png_bytes(ckpts, tmp_path, capsys):
 
 def test_batch_composition_does_not_change_images(ckpts, tmp_path):
     lm, _ = ckpts
-    vq = CosmosTokenizer.from_pretrained(write_tiny_vq(tmp_path / "vq", jit=False))  # our safetensors format
+    # our safetensors format
+    vq = CosmosTokenizer.from_pretrained(write_tiny_vq(tmp_path / "vq", jit=False))
     model, tok = Transformer.from_pretrained(lm), load_text_tokenizer(lm)
-    kw = dict(size=32, n=2, seed=5, sampling=Sampling(guidance_scale=3.0, top_k=50, repetition_penalty=1.1),
+    kw = dict(size=32, n=2, seed=5,
+              sampling=Sampling(guidance_scale=3.0, top_k=50, repetition_penalty=1.1),
               progress=False)
-    together = text_to_image(model, tok, vq, ["a cat", "two dogs playing in the snow", "a hat"], batch_size=6, **kw)
+    together = text_to_image(model, tok, vq, ["a cat", "two dogs playing in the snow", "a hat"],
+                             batch_size=6, **kw)
     assert together.codes.shape == (3, 2, 2, 2) and together.images.shape == (3, 2, 32, 32, 3)
     for p, prompt in enumerate(["a cat", "two dogs playing in the snow"]):
         alone = text_to_image(model, tok, vq, [prompt], **kw)
@@ -250,9 +284,11 @@ def test_sampling_defaults_from_generation_config(ckpts, tmp_path):
     plain = write_tiny_lm(tmp_path / "plain", repetition_penalty=None)
     assert Sampling.from_checkpoint(plain) == Sampling()
     assert Sampling().negative_prompt == NEGATIVE_PROMPT and Sampling().guidance_scale == 6.0
-    with open(os.path.join(plain, "generation_config.json"), "w", encoding="utf-8-sig") as f:  # a BOM, too
+    # a BOM, too
+    with open(os.path.join(plain, "generation_config.json"), "w", encoding="utf-8-sig") as f:
         json.dump({"guidance_scale": 2, "negative_prompt": "", "top_k": 20, "image_top_k": 10}, f)
-    assert Sampling.from_checkpoint(plain) == Sampling(guidance_scale=2.0, negative_prompt="", top_k=10)
+    assert Sampling.from_checkpoint(plain) == Sampling(guidance_scale=2.0, negative_prompt="",
+                                                       top_k=10)
     assert Sampling.from_checkpoint(plain, top_k=None, temperature=0.5) == Sampling(
         guidance_scale=2.0, negative_prompt="", top_k=10, temperature=0.5)  # None: not given
 
@@ -271,8 +307,10 @@ def test_sampling_defaults_from_generation_config(ckpts, tmp_path):
     (["--prompt", "a cat", "--top-p", "0"], "top-p"),
     (["--prompt", "a cat", "--top-p", "1.5"], "top-p"),
     (["--prompt", "a cat", "--n", "0"], "must be >= 1"),
-    (["--prompt", "a cat", "--size", "2912"], "+ 33124 image tokens = 33"),  # 182² codes, and the prompt
-    (["--prompt", "a cat", "--size", "2912"], "positions, more than the model's max_position_embeddings (32768)"),
+    # 182² codes, and the prompt
+    (["--prompt", "a cat", "--size", "2912"], "+ 33124 image tokens = 33"),
+    (["--prompt", "a cat", "--size", "2912"],
+     "positions, more than the model's max_position_embeddings (32768)"),
     (["--prompts-file", "/nonexistent/prompts.txt"], "prompts file not found"),
     (["--prompt", "a cat", "--jacobi", "--window", "0"], "window must be an integer >= 1"),
     (["--prompt", "a cat", "--window", "8"], "--window applies to Jacobi decoding only"),
@@ -295,32 +333,38 @@ def test_bad_input_exits_2_with_one_line(ckpts, capsys, args, match):
     assert err.count("\n") == 1 and match in err and "Traceback" not in err
 
 
-def test_bad_generation_config_is_named_before_the_weights_load(ckpts, tmp_path, capsys, monkeypatch):
+def test_bad_generation_config_is_named_before_the_weights_load(ckpts, tmp_path, capsys,
+                                                                monkeypatch):
     import shutil
     bad = tmp_path / "bad"
     shutil.copytree(ckpts[0], bad)
     loads = []
     monkeypatch.setattr(Transformer, "from_pretrained", lambda *a, **k: loads.append(a))
     for content, match in (('{"guidance_scale": true}', "guidance scale must be a finite number"),
-                           ('{"repetition_penalty": "abc"}', "repetition penalty must be a finite number"),
+                           ('{"repetition_penalty": "abc"}',
+                            "repetition penalty must be a finite number"),
                            ("{not json", "is not valid JSON")):
         (bad / "generation_config.json").write_text(content)
         with pytest.raises(SystemExit) as e:
-            main(["--prompt", "a cat", "--ckpt", str(bad), "--vq", ckpts[1], "--out", str(tmp_path / "o")])
+            main(["--prompt", "a cat", "--ckpt", str(bad), "--vq", ckpts[1],
+                  "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.count("\n") == 1 and match in err and "generation_config.json" in err
+        assert (e.value.code == 2 and err.count("\n") == 1 and match in err
+                and "generation_config.json" in err)
     assert loads == []
 
 
 def test_bad_checkpoints_exit_2_with_one_line(ckpts, tmp_path, capsys, monkeypatch):
     small = write_tiny_lm(tmp_path / "small", room=-10)  # 10 rows short of the 64-code book
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed: import fails
-    cases = [(["--ckpt", small, "--vq", ckpts[1]], "leaves no room"),
-             (["--ckpt", str(tmp_path / "missing"), "--vq", ckpts[1]], "checkpoint directory not found"),
-             (["--ckpt", ckpts[0], "--vq", str(tmp_path / "missing")], "visual tokenizer directory not found"),
+    cases = [(["--ckpt", small, "--vq", ckpts[1]], "vocabulary rows are not"),
+             (["--ckpt", str(tmp_path / "missing"), "--vq", ckpts[1]],
+              "checkpoint directory not found"),
+             (["--ckpt", ckpts[0], "--vq", str(tmp_path / "missing")],
+              "visual tokenizer directory not found"),
              (["--ckpt", "Daniel0724/SimpleAR-0.5B-RL", "--vq", ckpts[1]],
-              "huggingface-cli download Daniel0724/SimpleAR-0.5B-RL --local-dir DIR` or `git lfs clone "
-              "https://huggingface.co/Daniel0724/SimpleAR-0.5B-RL DIR`")]
+              "huggingface-cli download Daniel0724/SimpleAR-0.5B-RL --local-dir DIR` "
+              "or `git lfs clone https://huggingface.co/Daniel0724/SimpleAR-0.5B-RL DIR`")]
     for args, match in cases:
         with pytest.raises(SystemExit) as e:
             main(["--prompt", "a cat", "--size", "32", "--out", str(tmp_path / "o")] + args)
@@ -328,7 +372,8 @@ def test_bad_checkpoints_exit_2_with_one_line(ckpts, tmp_path, capsys, monkeypat
         assert e.value.code == 2 and err.count("\n") == 1 and match in err, (args, err)
 
 
-def test_default_model_missing_files_name_the_folder_and_the_recipe(ckpts, tmp_path, capsys, monkeypatch):
+def test_default_model_missing_files_name_the_folder_and_the_recipe(ckpts, tmp_path, capsys,
+                                                                    monkeypatch):
     empty = tmp_path / "nano"
     (empty / "vq").mkdir(parents=True)
     monkeypatch.setattr(sample, "DEFAULT_CKPT", str(empty))
@@ -345,18 +390,21 @@ def test_default_model_missing_files_name_the_folder_and_the_recipe(ckpts, tmp_p
 # the compiled step, positions, dtypes
 
 def test_compiled_step_compiles_once_and_equals_eager(lm):
-    """Under compile=True the decode step (forward + sampling) is one graph, with no break (fullgraph: a host
-    sync would be an error), reused by a second call with other prompt lengths; codes equal eager ones."""
+    """Under compile=True the decode step (forward + sampling) is one graph, with no break
+    (fullgraph: a host sync would be an error), reused by a second call with other prompt lengths;
+    codes equal eager ones."""
     s = Sampling(guidance_scale=1.5, temperature=5.0, top_p=0.95, repetition_penalty=1.1)
     neg = [301, 8, 302]
-    calls = [([[301, 5, 17, 9, 302], [301, 44, 302]], [0, 1]), ([[301, 5, 302], [301, 44, 45, 46, 302]], [2, 3])]
+    calls = [([[301, 5, 17, 9, 302], [301, 44, 302]], [0, 1]),
+             ([[301, 5, 302], [301, 44, 45, 46, 302]], [2, 3])]
     torch._dynamo.reset()
     sample._compiled_steps.clear()
     counters = torch._dynamo.utils.counters
     counters.clear()
     for prompts, seeds in calls:
         eager = generate(lm, prompts, neg, TEXT, CODES, 10, seeds, s, progress=False)
-        compiled = generate(lm, prompts, neg, TEXT, CODES, 10, seeds, s, compile=True, progress=False)
+        compiled = generate(lm, prompts, neg, TEXT, CODES, 10, seeds, s, compile=True,
+                            progress=False)
         assert torch.equal(eager, compiled)
         assert len(set(eager.flatten().tolist())) > 3  # a sequence worth comparing
     assert counters["stats"]["unique_graphs"] == 1
@@ -368,7 +416,8 @@ def test_position_limit_is_checked_before_any_work():
                                intermediate_size=64, max_position_embeddings=40)).eval()
     limit = lm.args.max_position_embeddings
     prompt = [301, 5, 302]
-    with pytest.raises(ValueError, match=rf"3 tokens \+ {limit} image tokens = {limit + 3} positions.*\({limit}\)"):
+    with pytest.raises(ValueError, match=rf"3 tokens \+ {limit} image tokens = {limit + 3} "
+                       rf"positions.*\({limit}\)"):
         generate(lm, [prompt], [301, 302], TEXT, CODES, limit, [0], Sampling(), progress=False)
     assert lm.cache is None  # nothing was set up
     assert generate(lm, [prompt], [301, 302], TEXT, CODES, limit - 3, [0], Sampling(top_k=1),
@@ -382,36 +431,41 @@ def test_png_bytes_do_not_depend_on_n(ckpts, tmp_path):
                                    "--out", str(tmp_path / out), *args])
     run("many", "--n", "5", "--batch-size", "3")
     run("one", "--n", "1", "--seed", "3")
-    assert (tmp_path / "many" / "a-cat_s0_3.png").read_bytes() == (tmp_path / "one" / "a-cat_s3_0.png").read_bytes()
+    assert ((tmp_path / "many" / "a-cat_s0_3.png").read_bytes()
+            == (tmp_path / "one" / "a-cat_s3_0.png").read_bytes())
 
 
 def test_slow_dtype_runs_with_one_warning(ckpts, tmp_path, capsys, monkeypatch):
     import model
     monkeypatch.setattr(model, "cpu_bf16_native", lambda: False)
-    main(["--prompt", "a cat", "--ckpt", ckpts[0], "--vq", ckpts[1], "--size", "32", "--n", "1", "--dtype", "bfloat16",
-          "--device", "cpu", "--out", str(tmp_path)])
+    main(["--prompt", "a cat", "--ckpt", ckpts[0], "--vq", ckpts[1], "--size", "32", "--n", "1",
+          "--dtype", "bfloat16", "--device", "cpu", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if "warning" in line]
-    assert len(warnings) == 1 and warnings[0].startswith("sample.py: warning: bfloat16 on a CPU without bf16")
+    assert len(warnings) == 1 and warnings[0].startswith("sample.py: warning: bfloat16 on a CPU "
+                                                         "without bf16")
     assert "Traceback" not in err
     assert (tmp_path / "a-cat_s0_0.png").is_file()
 
 
 def test_int8_quantized_sampling_runs(ckpts, tmp_path):
-    main(["--prompt", "a cat", "--ckpt", ckpts[0], "--vq", ckpts[1], "--size", "32", "--n", "2", "--quantize", "int8",
-          "--out", str(tmp_path)])
+    main(["--prompt", "a cat", "--ckpt", ckpts[0], "--vq", ckpts[1], "--size", "32", "--n", "2",
+          "--quantize", "int8", "--out", str(tmp_path)])
     assert len(list(tmp_path.glob("*.png"))) == 2
 
 
 def test_jacobi_from_the_cli(ckpts, tmp_path):
-    """--jacobi writes the same files; its last line counts fewer forwards than tokens (greedy: same codes)."""
+    """--jacobi writes the same files; its last line counts fewer forwards than tokens (greedy: same
+    codes)."""
     lm, vq = ckpts
     for out, extra in (("plain", []), ("jacobi", ["--jacobi", "--window", "4"])):
-        r = subprocess.run([sys.executable, "sample.py", "--prompt", "a cat", "--ckpt", lm, "--vq", vq, "--size", "64",
-                            "--n", "2", "--top-k", "1", "--out", str(tmp_path / out), "--save-codes", *extra],
+        r = subprocess.run([sys.executable, "sample.py", "--prompt", "a cat", "--ckpt", lm,
+                            "--vq", vq, "--size", "64", "--n", "2", "--top-k", "1",
+                            "--out", str(tmp_path / out), "--save-codes", *extra],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
-        forwards = float(re.search(r"([\d.]+) forwards per image \(plain decoding: 16\)", r.stdout).group(1))
+        forwards = float(re.search(r"([\d.]+) forwards per image \(plain decoding: 16\)",
+                                   r.stdout).group(1))
         assert forwards == 16.0 if out == "plain" else 4.0 <= forwards < 16.0
     for j in (0, 1):
         assert np.array_equal(np.load(tmp_path / "plain" / f"a-cat_s0_{j}.npy"),

@@ -1,13 +1,16 @@
 """train.py on a CPU: DDP (gloo) and accumulation equivalence, exact resume, crash-safe saves, SimpleAR's vocabulary
-extension, checkpoints that transformers and sample.py load, and one-line errors for bad input.
+extension, checkpoints that transformers and sample.py load, and one-line errors for bad input, found before step 1,
+from whichever rank meets it.
 
 Fixtures are written in the real formats: PNGs + meta.jsonl encoded by data.prepare_codes with a stand-in visual
 tokenizer (16x downsampling, 256 codes: 128 px -> an 8x8 grid), a BPE tokenizer.json, a transformers Qwen2 checkpoint.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -62,12 +65,26 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def torchrun(args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+def torchrun(args, nproc=2, ok=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+           *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    if ok:
+        assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def with_flags(args, change):
+    """args with change[0]'s value replaced by change[1] (or change appended when args lacks change[0])."""
+    args = list(args)
+    i = args.index(change[0]) if change[0] in args else len(args)
+    args[i:i + 2] = change
+    return args
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("train.py: error:")]
 
 
 # ----------------------------------------------------------------------------------------- equivalences
@@ -265,21 +282,184 @@ def test_flops_accounting():
     (["--codebook-size", "64000"], "256-code"),
     (["--steps", "many"], "invalid int value"),
     (["--n-heads", "3"], "not a multiple"),
+    # what used to fail at a later step, or never: flags out of range or that cannot work together
+    (["--log-every", "0"], "--log-every must be >= 1"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--lr", "nan"], "--lr must be > 0"),
+    (["--beta2", "1"], "--beta2 must be in [0, 1)"),
+    (["--val-every", "2"], "needs held-out data"),
+    (["--val-data", "elsewhere", "--val-frac", "0.25"], "not both"),
+    (["--init", "elsewhere"], "--tokenizer: only with --config"),
+    (["--batch-size", "13"], "12 training samples are fewer than one global batch of 13"),
+    (["--batch-size", "10", "--val-frac", "0.25"], "9 training samples (3 held out by --val-frac)"),
 ])
 def test_bad_input_is_one_line(prepared, tmp_path, capsys, change, message):
-    args = tiny_args(prepared, tmp_path, "--steps", 1)
-    i = args.index(change[0]) if change[0] in args else len(args)
-    args[i:i + 2] = change
     with pytest.raises(SystemExit) as e:
-        train.main(args)
+        train.main(with_flags(tiny_args(prepared, tmp_path / "run", "--steps", 1), change))
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
+    assert e.value.code == 2 and err.startswith("train.py: error: ") and message in err, err
+    assert len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "run")  # found before anything is written
+
+
+def test_vocabulary_is_the_tokenizer_and_the_codebook(prepared, tmp_path, capsys):
+    # a checkpoint made for a 512-code visual tokenizer, given codes of a 256-code one: image ids would start 256
+    # ids too late, every code a wrong token
+    tok = data.load_text_tokenizer(prepared / "tok")
+    margs = asdict(ModelArgs.from_name("tiny")) | dict(vocab_size=tok.get_vocab_size() + 512, head_dim=0)
+    Transformer(ModelArgs(**margs)).save_pretrained(tmp_path / "ckpt")
+    tok.save(str(tmp_path / "ckpt" / "tokenizer.json"))
+    args = ["--init", tmp_path / "ckpt", "--data", prepared / "codes", "--out", tmp_path / "run", "--steps", 1,
+            "--batch-size", 4, "--no-progress", "--peak-flops", 1e9]
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    numbers = err.replace(",", "")
+    assert f"{tok.get_vocab_size() + 512}" in numbers and f"{tok.get_vocab_size()}" in numbers and "256" in numbers
+
+
+def test_resume_refuses_what_the_checkpoint_fixed(prepared, tmp_path, capsys):
+    common = ["--steps", 2, "--batch-size", 4, "--stop-after", 1]
+    train.main(tiny_args(prepared, tmp_path, *common))
+    capsys.readouterr()
+    for change, message in [(["--lr", "2e-3"], "--lr 0.002 (the checkpoint's: 0.001)"),
+                            (["--seed", "1"], "--seed 1 (the checkpoint's: 0)"),
+                            (["--n-layers", "1"], "--n-layers 1 (the checkpoint's: 0)"),
+                            (["--batch-size", "2"], "trained with a global batch of 4")]:
+        with pytest.raises(SystemExit) as e:
+            train.main(with_flags(tiny_args(prepared, tmp_path, *common, "--resume"), change))
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert open(tmp_path / "latest").read().strip() == "step_0000001"  # nothing trained, nothing saved
+
+
+def test_text_files_may_start_with_a_byte_order_mark(prepared, tmp_path):
+    # what some editors write first: every JSON and text file a run and its resume read accepts it
+    codes = tmp_path / "codes"
+    tok = tmp_path / "tok"
+    shutil.copytree(prepared / "codes", codes)
+    shutil.copytree(prepared / "tok", tok)
+
+    def add_bom(path):
+        path.write_text(path.read_text(encoding="utf-8"), encoding="utf-8-sig")
+
+    for path in [codes / "index.json", *codes.glob("captions_*.json"), tok / "tokenizer.json"]:
+        add_bom(path)
+    out = tmp_path / "run"
+    args = tiny_args(prepared, out, "--steps", 2, "--batch-size", 4, "--stop-after", 1)
+    args = with_flags(with_flags(args, ["--data", str(codes)]), ["--tokenizer", str(tok)])
+    train.main(args)
+    for name in ("latest", "step_0000001/config.json", "step_0000001/tokenizer.json"):
+        add_bom(out / name)
+    train.main(args + ["--resume"])
+    assert (out / "latest").read_text().strip() == "step_0000002"
 
 
 def test_bad_input_cli(prepared, tmp_path):
     args = ["--init", str(tmp_path / "missing"), "--data", str(prepared / "codes"), "--out", str(tmp_path)]
     r = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == f"train.py: --init {tmp_path / 'missing'}: no such checkpoint directory"
+    assert r.stderr.strip() == f"train.py: error: --init {tmp_path / 'missing'}: no such checkpoint directory"
     with pytest.raises(SystemExit):  # neither --init nor --config
         train.main(["--data", str(prepared / "codes"), "--out", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------------------- errors across ranks
+def test_longest_style_prefix_checked_before_step_1(prepared, tmp_path):
+    # Every sample draws one of the 20 style prefixes, and captions are cut to fit --max-len while prefixes are not:
+    # a --max-len that leaves room for the short prefixes only used to fail at the first step that drew a long one,
+    # on the rank that drew it. Now every rank finds it before step 1 and the user reads it once.
+    tok = data.load_text_tokenizer(prepared / "tok")
+    n_prefix = {p: len(tok.encode(p, add_special_tokens=False).ids) for p in data.STYLE_PREFIXES}
+    longest = max(n_prefix, key=n_prefix.get)
+    fits = 8 * 8 + 2 + n_prefix[longest]  # image tokens, <|t2i|> and <|soi|>, the longest prefix
+    codes = data.CodeDataset(prepared / "codes")[0][1]
+    first = tok.get_vocab_size()
+    for p in data.STYLE_PREFIXES:  # what data.py accepts: at this length every prefix makes a sequence...
+        data.make_sequence(tok, CAPTIONS[2], codes, first, p, max_len=fits)
+    with pytest.raises(ValueError):  # ...and one token shorter the longest does not
+        data.make_sequence(tok, CAPTIONS[2], codes, first, longest, max_len=fits - 1)
+    train.main(tiny_args(prepared, tmp_path / "fits", "--steps", 1, "--batch-size", 4, "--max-len", fits))
+    out = tmp_path / "short"
+    r = torchrun(tiny_args(prepared, out, "--steps", 3, "--batch-size", 2, "--max-len", fits - 1), ok=False)
+    assert r.returncode != 0
+    assert error_lines(r.stderr) == [  # once, although both ranks found it; no rank named, as all share it
+        f"train.py: error: 64 image tokens (grid 8x8), 2 special tokens and the longest style prefix {longest!r} "
+        f"({n_prefix[longest]} tokens) do not fit a sequence of {fits - 1} (--max-len {fits - 1}, "
+        f"max_position_embeddings 2048); captions are cut to fit, prefixes are not"], r.stderr[-3000:]
+    assert not out.exists()  # nothing written: no step ran
+
+
+def test_error_on_one_rank_reaches_the_user(prepared, tmp_path):
+    # Rank r reads the slice [r*b, (r+1)*b) of each global batch of the epoch's order (data.T2IBatches), so a
+    # broken sample at position b of the order is rank 1's alone at step 1: here a code past the 256-code codebook,
+    # as a shard written by another visual tokenizer has. Rank 0 waits for rank 1 at the step's all-reduce.
+    codes = tmp_path / "codes"
+    shutil.copytree(prepared / "codes", codes)
+    tok = data.load_text_tokenizer(prepared / "tok")
+    rank1 = data.T2IBatches(data.CodeDataset(codes), tok, tok.get_vocab_size(), 2, seed=0, rank=1, world_size=2)
+    broken = int(rank1.order(0)[rank1.rank * rank1.batch_size])
+    row = broken
+    for shard in json.load(open(codes / "index.json"))["shards"]:
+        if row < shard["count"]:
+            break
+        row -= shard["count"]
+    array = np.load(codes / shard["codes"], mmap_mode="r+")
+    array[row, 0, 0] = 300
+    array.flush()
+    del array
+    out = tmp_path / "run"
+    args = with_flags(tiny_args(prepared, out, "--steps", 2, "--batch-size", 2, "--save-every", 1),
+                      ["--data", codes])
+    r = torchrun(args, ok=False)
+    assert r.returncode != 0
+    errors = error_lines(r.stderr)
+    assert len(errors) == 1, r.stderr[-3000:]
+    assert errors[0].startswith(f"train.py: error: rank 1: {codes}: sample {broken} has codes in [")
+    assert errors[0].endswith("300], outside the codebook [0, 256)")
+    assert not (out / "latest").exists()
+    assert not [d for d in os.listdir(out) if "step_" in d]  # no checkpoint, not even a partial one
+
+
+AGREE = """
+import sys
+import torch.distributed as dist
+import train
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+seen = []
+for name, errors in [("one", {1: FileNotFoundError("no such file: x")}),
+                     ("differ", {0: ValueError("bad a"), 1: ValueError("bad b")}),
+                     ("none", {})]:
+    try:
+        with train.ranks_agree(rank, 2):
+            if rank in errors:
+                raise errors[rank]
+        seen.append(f"{name} rank {rank}: passes")
+    except train.AllRanks as e:
+        seen.append(f"{name} rank {rank}: raises {e}")
+    except SystemExit as e:
+        seen.append(f"{name} rank {rank}: exits {e.code}")
+dist.destroy_process_group()
+with open(f"{sys.argv[1]}/rank{rank}.txt", "w") as f:
+    f.write("\\n".join(seen))
+"""
+
+
+def test_ranks_agree_on_set_up_errors(tmp_path):
+    # what the set-up of each rank found, told once by rank 0 and naming the ranks; the others exit with status 2
+    (tmp_path / "agree.py").write_text(AGREE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "agree.py"), str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert open(tmp_path / "rank0.txt").read().splitlines() == [
+        "one rank 0: raises rank 1: no such file: x", "differ rank 0: raises rank 0: bad a; rank 1: bad b",
+        "none rank 0: passes"]
+    assert open(tmp_path / "rank1.txt").read().splitlines() == [
+        "one rank 1: exits 2", "differ rank 1: exits 2", "none rank 1: passes"]
