@@ -382,6 +382,8 @@ def text_to_image(model, tokenizer, vq, prompts, size=1024, n=1, seed=0, samplin
                   batch_size=None, decode=True, compile=False, progress=True,
                   jacobi=None) -> Samples:
     """n images for each prompt string with SimpleAR's template; image j of a prompt uses seed + j.
+    seed may also be a list of one int per prompt: image j of prompt p then uses seed[p] + j (GRPO
+    gives every image of a step its own seed this way, whichever batch or rank draws it).
 
     vq: a CosmosTokenizer (or anything with codebook_size, spatial_compression and
     decode(codes [B, h, w])); it fixes the codebook, so the LM's vocabulary must end with its
@@ -398,7 +400,8 @@ def text_to_image(model, tokenizer, vq, prompts, size=1024, n=1, seed=0, samplin
     special_token_ids(tokenizer)  # without <|t2i|>/<|soi|> they would be encoded as plain text
     side = size // vq.spatial_compression
     ids = encode_prompts(tokenizer, prompts)
-    jobs = [(ids[p], seed + j) for p in range(len(prompts)) for j in range(n)]
+    bases = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
+    jobs = [(ids[p], bases[p] + j) for p in range(len(prompts)) for j in range(n)]
     negative = encode_negative(tokenizer, sampling.negative_prompt)
     n_tokens = side * side
     one_each = range(len(ids))  # the checks count one seed per prompt
@@ -441,8 +444,11 @@ def check_request(prompts, size, n, batch_size, seed=0, compression=16):
         raise ValueError(f"size {size} is not a multiple of {compression}")
     if n < 1 or batch_size < 1:
         raise ValueError(f"n ({n}) and batch size ({batch_size}) must be >= 1")
-    if not 0 <= seed <= 2 ** 63 - n:
-        raise ValueError(f"seed must be in [0, 2^63 - n], got {seed}")
+    for s in (seed if isinstance(seed, (list, tuple)) else [seed]):
+        if not 0 <= s <= 2 ** 63 - n:
+            raise ValueError(f"seed must be in [0, 2^63 - n], got {s}")
+    if isinstance(seed, (list, tuple)) and len(seed) != len(prompts):
+        raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
 
 
 # ------------------------------------------------------------------------------------------------

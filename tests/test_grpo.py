@@ -5,6 +5,8 @@ effect, the loop.
 """
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,8 +15,11 @@ import torch
 import data
 import eval as geneval
 import grpo
+import sample
 from fixtures import write_tiny_lm, write_tiny_vq
 from model import Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_reward_is_one_on_the_scene_a_caption_describes_and_zero_on_a_blank_or_wrong_one():
@@ -134,7 +139,7 @@ def test_run_writes_checkpoints_and_resumed_equals_uninterrupted(tiny, tmp_path,
     # reward brightness
     monkeypatch.setattr(grpo, "geneval_reward",
                         lambda captions, images: images.mean(axis=(2, 3, 4)) / 255)
-    argv = ["--ckpt", lm, "--vq", vq, "--size", "32", "--prompts", "3", "--group", "2",
+    argv = ["--ckpt", lm, "--vq", vq, "--size", "32", "--prompts-per-step", "3", "--group", "2",
             "--lr", "1e-2", "--beta", "0.04", "--steps", "2", "--save-every", "1", "--keep", "0",
             "--no-progress"]
     grpo.main([*argv, "--out", str(tmp_path / "a")])
@@ -164,13 +169,185 @@ def test_run_writes_checkpoints_and_resumed_equals_uninterrupted(tiny, tmp_path,
                                          (["--window", "4"], "add --jacobi"),
                                          (["--size", "4096"], "positions"),
                                          (["--size", "30"], "not a multiple of"),
-                                         (["--dtype", "x"], "invalid")])
+                                         (["--dtype", "x"], "invalid"),
+                                         (["--reward", "cats"], "unknown 'cats'"),
+                                         (["--reward", "clip"], "needs --clip-ckpt"),
+                                         (["--reward", "clip", "--clip-ckpt", "/nope"], "/nope"),
+                                         (["--prompts", "/nope.txt"], "no such file"),
+                                         (["--prompts", "EMPTY"], "no usable caption"),
+                                         (["--prompts", "CATS"], "not a shapes-world caption"),
+                                         (["--logprob", "guided"], "top-k"),
+                                         (["--warmup-ratio", "1"], "--warmup-ratio")])
 def test_cli_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, flags, word):
     lm, vq = tiny
     out = tmp_path / "run"
+    (tmp_path / "empty.json").write_text('[{"caption": ""}]')
+    (tmp_path / "cats.txt").write_text("a cat on a mat\n")
+    files = {"EMPTY": str(tmp_path / "empty.json"), "CATS": str(tmp_path / "cats.txt")}
+    flags = [files.get(f, f) for f in flags]
     with pytest.raises(SystemExit) as e:
         grpo.main(["--ckpt", lm, "--vq", vq, "--out", str(out), *flags])
     err = capsys.readouterr().err.strip()
     assert (e.value.code == 2 and "\n" not in err and word in err
             and err.startswith("grpo.py: error: "))
     assert not out.exists()  # found before anything was written
+
+
+# ------------------------------------------------------------------------------ guided log-prob
+def test_guided_logprob_gradient_equals_a_slow_loop_over_both_branches(tiny):
+    """--logprob guided: log_softmax((lu + s(lc - lu)) / T) of each image token, both branches
+    forwarded with gradient; chunks of 3 tokens recomputed in the backward give the same gradient
+    as one pass."""
+    lm, _ = tiny
+    tok = data.load_text_tokenizer(lm)
+    model = Transformer.from_pretrained(lm)
+    K = 64
+    first_id = data.first_image_id(model.args.vocab_size, K, tok.get_vocab_size())
+    settings = sample.Sampling(guidance_scale=3.0, temperature=0.7, negative_prompt="")
+    negative = data.encode_negative(tok, settings.negative_prompt)
+    captions = ["a red circle", "two blue squares"]
+    codes = torch.randint(0, K, (2, 2, 2, 2), generator=torch.Generator().manual_seed(2))
+    adv = torch.tensor([[0.5, -0.5], [1.0, -1.0]])
+    grads = []
+    for chunk in (3, 1000):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        opt.zero_grad = lambda set_to_none=True: None
+        model.zero_grad()
+        grpo.policy_step(model, None, opt, tok, captions, codes, adv, first_id, K, 0.0, 2, 0,
+                         chunk=chunk, guided=(negative, settings))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+
+    model.zero_grad()
+    total = 0
+    for p in range(2):
+        for g in range(2):
+            ids, _ = data.make_sequence(tok, captions[p], codes[p, g], first_id)
+            neg, _ = grpo.negative_sequence(negative, codes[p, g], first_id)
+            n = codes[p, g].numel()
+            for i in range(n):
+                t, u = len(ids) - n + i, len(neg) - n + i
+                lc = model(ids[None, :t], vocab=(first_id, first_id + K))[0, -1].log_softmax(-1)
+                lu = model(neg[None, :u], vocab=(first_id, first_id + K))[0, -1].log_softmax(-1)
+                scores = (lu + 3.0 * (lc - lu)) / 0.7
+                total = total - adv[p, g] * scores.log_softmax(-1)[ids[t] - first_id]
+    (total / codes.numel()).backward()
+    for n, p in model.named_parameters():
+        for fast in grads:
+            assert torch.allclose(fast[n], p.grad, atol=1e-5, rtol=1e-4), n
+
+
+# ------------------------------------------------------------------------------------- captions
+def test_prompts_file_formats_and_epochs(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_text("\ufeffa red circle\n\n  two blue squares  \n", encoding="utf-8")
+    assert grpo.read_captions(str(text)) == ["a red circle", "two blue squares"]
+    js = tmp_path / "p.json"
+    js.write_text("\ufeff" + json.dumps([{"caption": "x", "image_path": "a.png"},
+                                         {"caption": ["y", "z"]}, {"caption": ""}, {"no": 1}]),
+                  encoding="utf-8")
+    assert grpo.read_captions(str(js)) == ["x", "y"]
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('\ufeff{"caption": "first"}\nnot json\n{"caption": "second"}\n',
+                  encoding="utf-8")
+    assert grpo.read_captions(str(jl)) == ["first", "second"]
+    # an epoch is a permutation; epochs differ; the order is a function of (seed, step)
+    caps = [f"c{i}" for i in range(10)]
+    steps = [grpo.file_captions(caps, 3, s, 5) for s in range(6)]  # 3 epochs of 2 steps
+    for e in range(3):
+        assert sorted(steps[2 * e] + steps[2 * e + 1]) == sorted(caps)
+    assert steps[0] + steps[1] != steps[2] + steps[3]
+    assert steps[4] == grpo.file_captions(caps, 3, 4, 5)
+
+
+def test_rewards_parse_and_sum_with_weights(tiny, tmp_path, monkeypatch):
+    assert grpo.parse_rewards(["geneval-nano", "clip=0.5"]) == {"geneval-nano": 1.0, "clip": 0.5}
+    for bad, word in [(["cats"], "unknown"), (["clip=x"], "not a number"),
+                      (["clip", "clip=2"], "each name once"), (["clip=inf"], "finite")]:
+        with pytest.raises(ValueError, match=word):
+            grpo.parse_rewards(bad)
+    # a weighted sum of two rewards is what the advantages see; both are logged
+    lm, vq = tiny
+    monkeypatch.setitem(grpo.REWARDS, "bright",
+                        lambda args, device: lambda c, images: images.mean(axis=(2, 3, 4)) / 255)
+    monkeypatch.setitem(grpo.REWARDS, "red", lambda args, device: lambda c, images:
+                        images[..., 0].mean(axis=(2, 3)) / 255)
+    out = tmp_path / "run"
+    grpo.main(["--ckpt", lm, "--vq", vq, "--size", "32", "--prompts-per-step", "2", "--group",
+               "2", "--steps", "1", "--beta", "0", "--reward", "bright=2", "red=-1", "--out",
+               str(out), "--no-progress", "--dtype", "float32"])
+    r = read_log(out)[0]
+    assert r["reward"] == pytest.approx(2 * r["rewards"]["bright"] - r["rewards"]["red"],
+                                        abs=1e-3)
+
+
+def test_preset_sets_simplears_recipe_and_flags_override():
+    a = grpo.parse_args(["--preset", "simplear"])
+    assert (a.prompts_per_step, a.group, a.lr, a.schedule, a.warmup_ratio, a.min_lr_ratio,
+            a.beta, a.size, a.guidance_scale, a.temperature, a.top_k, a.reward) == (
+        7, 4, 1e-6, "cosine", 0.1, 0.1, 0.04, 1024, 1.0, 1.0, 64000, ["clip"])
+    b = grpo.parse_args(["--preset", "simplear", "--group", "8", "--cfg", "5"])
+    assert (b.group, b.guidance_scale, b.prompts_per_step) == (8, 5.0, 7)
+    assert grpo.parse_args([]).prompts_per_step == 7 and grpo.parse_args([]).guidance_scale is None
+
+
+# ---------------------------------------------------------------------------------- distributed
+DIST = """
+import sys
+import grpo
+grpo.REWARDS["bright"] = lambda args, device: lambda c, images: (
+    images.astype("int64").sum(axis=(2, 3, 4)) % 5 / 4)
+grpo.main(sys.argv[1:])
+"""
+
+
+def grpo_args(lm, vq, out, *more):
+    # at temperature 5 the tiny random model's images differ within a group
+    return ["--ckpt", lm, "--vq", vq, "--size", "32", "--prompts-per-step", "3", "--group", "3",
+            "--cfg", "1", "--temperature", "5",
+            "--lr", "1e-3", "--beta", "0.04", "--steps", "2", "--reward", "bright",
+            "--dtype", "float32", "--no-progress", "--out", str(out), *more]
+
+
+def test_two_processes_equal_one(tiny, tmp_path, monkeypatch):
+    """Ranks split the 3 groups 2 + 1, gather the rewards and sum their gradients: the weights
+    after 2 steps equal one process's within 1e-5, and the logs agree."""
+    lm, vq = tiny
+    monkeypatch.setitem(grpo.REWARDS, "bright", lambda args, device: lambda c, images:
+                        images.astype("int64").sum(axis=(2, 3, 4)) % 5 / 4)
+    grpo.main(grpo_args(lm, vq, tmp_path / "one"))
+    (tmp_path / "dist.py").write_text(DIST)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "dist.py"), *grpo_args(lm, vq, tmp_path / "two")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = Transformer.from_pretrained(tmp_path / "one" / "step_0000002").state_dict()
+    two = Transformer.from_pretrained(tmp_path / "two" / "step_0000002").state_dict()
+    start = Transformer.from_pretrained(lm).state_dict()
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3  # it trained
+    assert all(r["informative"] > 0.5 for r in read_log(tmp_path / "one"))  # not vacuous
+    a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    for x, y in zip(a, b, strict=True):
+        assert x["reward"] == y["reward"] and x["forwarded"] == y["forwarded"] == 9
+        assert x["kl"] == pytest.approx(y["kl"], abs=1e-6)
+
+
+def test_resume_with_a_prompts_file_equals_uninterrupted(tiny, tmp_path, monkeypatch):
+    lm, vq = tiny
+    monkeypatch.setitem(grpo.REWARDS, "bright", lambda args, device: lambda c, images:
+                        images.mean(axis=(2, 3, 4)) / 255)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\na red circle\ntwo dogs playing in the snow\n")
+    argv = grpo_args(lm, vq, tmp_path / "a", "--prompts", str(prompts), "--steps", "3")
+    grpo.main(argv)
+    argv_b = grpo_args(lm, vq, tmp_path / "b", "--prompts", str(prompts), "--steps", "3")
+    grpo.main([*argv_b, "--stop-after", "1"])
+    grpo.main([*argv_b, "--resume"])
+    wa = Transformer.from_pretrained(tmp_path / "a" / "step_0000003").state_dict()
+    wb = Transformer.from_pretrained(tmp_path / "b" / "step_0000003").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the file changed under a resumed run: refused
+    prompts.write_text("a cat\n")
+    with pytest.raises(SystemExit):
+        grpo.main([*argv_b, "--steps", "4", "--resume"])
