@@ -76,8 +76,8 @@ echo '{"repetition_penalty": 1.0, "guidance_scale": 2.0, "negative_prompt": "", 
   > "$LM/generation_config.json"
 # lr 1e-4 where SimpleAR's 0.5B takes 1e-6 (a tiny model from scratch); no KL term (TRL's default today), which
 # saves the reference model's forward pass; the categories the LM gets wrong most often are drawn more often
-stage rl $PY grpo.py --ckpt "$LM" --vq "$WORK/vq" --out "$WORK/rl" --steps "$RL_STEPS" --prompts "$RL_PROMPTS" \
-  --group "$RL_GROUP" --lr 1e-4 --beta 0 --categories $RL_CATEGORIES --seed "$SEED" --no-progress
+stage rl $PY grpo.py --ckpt "$LM" --vq "$WORK/vq" --out "$WORK/rl" --steps "$RL_STEPS" \
+  --prompts-per-step "$RL_PROMPTS" --group "$RL_GROUP" --lr 1e-4 --beta 0 --categories $RL_CATEGORIES --seed "$SEED" --no-progress
 
 ship() {
   local rl="$WORK/rl/$(cat "$WORK/rl/latest")" tmp="$OUT.tmp$$"
