@@ -201,6 +201,12 @@ def test_cli_ground_truth_writes_results_and_grid(tmp_path, capsys):
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
+def test_nano_subcommand_is_the_old_form(tmp_path, capsys):
+    geneval.main(["nano", "--ground-truth", "--prompts-per-category", "1", "--size", "64",
+                  "--out", str(tmp_path)])
+    assert "| **overall** | **1.000** | 6 |" in capsys.readouterr().out
+
+
 def test_reconstruct_scores_held_out_scenes_through_the_tokenizer(tmp_path, capsys, monkeypatch):
     import cosmos_tokenizer
 
@@ -276,3 +282,179 @@ def test_shipped_nano_model_scores_well_above_chance(tmp_path):
     assert list(result["categories"]) == list(CATEGORIES)
     # chance: a blank or random image scores 0
     assert result["overall"] >= 0.5, geneval.table(result)
+
+
+# -------------------------------------------------- the official benchmarks' layouts (geneval, dpg)
+META = [{"tag": "single_object", "include": [{"class": "cat", "count": 1}],
+         "prompt": "a cat wearing a hat"},
+        {"tag": "counting", "include": [{"class": "dog", "count": 2}], "exclude": [],
+         "prompt": "two dogs playing in the snow", "extra": {"nested": [1, 2.50, "é"]}},
+        {"tag": "colors", "prompt": "a red circle"},
+        {"tag": "position", "prompt": "a red circle to the left of a blue square"},
+        {"tag": "two_object", "prompt": "a cat and a dog"}]
+# extra spaces, a float written 2.50, a non-ASCII character: kept byte for byte
+META_LINES = [json.dumps(m) for m in META]
+META_LINES[1] = META_LINES[1].replace(", ", ",  ").replace("\\u00e9", "é")
+FAST = ["--size", "32", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random tiny LM and tokenizer, a GenEval metadata file and a DPG prompt folder."""
+    root = tmp_path_factory.mktemp("bench")
+    meta = root / "evaluation_metadata.jsonl"
+    meta.write_bytes(("\n".join(META_LINES) + "\n").encode())
+    prompts = root / "prompts"
+    prompts.mkdir()
+    for name, m in zip(["1", "10", "partiprompts7"], META):
+        (prompts / f"{name}.txt").write_text(m["prompt"] + "\n")
+    (prompts / "README.md").write_text("not a prompt")
+    return types.SimpleNamespace(lm=write_tiny_lm(root / "lm"),
+                                 vq=write_tiny_vq(root / "vq", jit=False),
+                                 meta=str(meta), prompts=str(prompts))
+
+
+def run_geneval_cli(tiny, out, *extra):
+    geneval.main(["geneval", "--metadata", tiny.meta, "--ckpt", tiny.lm, "--vq", tiny.vq,
+                  "--outdir", str(out), "--n", "2", *FAST, *extra])
+
+
+def run_dpg_cli(tiny, out, *extra):
+    geneval.main(["dpg", "--prompts", tiny.prompts, "--ckpt", tiny.lm, "--vq", tiny.vq,
+                  "--outdir", str(out), *FAST, *extra])
+
+
+def snapshot(folder):
+    """{relative path: (bytes, mtime_ns)} of every file under folder."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_geneval_layout_is_the_official_one(tiny, tmp_path):
+    run_geneval_cli(tiny, tmp_path, "--batch-size", "3", "--grid")
+    files = set(snapshot(tmp_path))
+    expected = {geneval.SETTINGS_FILE}
+    for i in range(len(META)):
+        expected |= {f"{i:05d}/metadata.jsonl", f"{i:05d}/grid.png",
+                     f"{i:05d}/samples/0000.png", f"{i:05d}/samples/0001.png"}
+    assert files == expected  # no temporary files left
+    for i, line in enumerate(META_LINES):
+        # the line unchanged (extra fields, spacing, non-ASCII), and what GenEval's json.load reads
+        raw = (tmp_path / f"{i:05d}" / "metadata.jsonl").read_bytes()
+        assert raw == (line + "\n").encode()
+        assert json.loads(raw) == json.loads(line)
+        img = Image.open(tmp_path / f"{i:05d}" / "samples" / "0001.png")
+        assert img.size == (32, 32) and img.mode == "RGB"
+    assert Image.open(tmp_path / "00000" / "grid.png").size == (64, 32)
+    settings = json.loads((tmp_path / geneval.SETTINGS_FILE).read_text())
+    assert (settings["n"], settings["size"], settings["guidance_scale"],
+            settings["repetition_penalty"], settings["top_k"]) == (2, 32, 6.0, 1.1, None)
+
+
+def test_dpg_layout_is_a_2x2_grid_per_prompt_file(tiny, tmp_path):
+    import sample
+    run_dpg_cli(tiny, tmp_path, "--batch-size", "3")
+    assert set(os.listdir(tmp_path)) == {"1.png", "10.png", "partiprompts7.png",
+                                         geneval.SETTINGS_FILE}
+    grid = np.asarray(Image.open(tmp_path / "10.png"))
+    assert grid.shape == (64, 64, 3)
+    # ELLA's crops, in its order, are images 0..3 of the prompt: seed + j, whatever the batch
+    model, tok, vq, _ = sample.load(tiny.lm, tiny.vq, dtype="float32")
+    settings = sample.Sampling.from_checkpoint(tiny.lm)
+    images = sample.text_to_image(model, tok, vq, [META[1]["prompt"]], 32, 4, 0, settings,
+                                  progress=False).images[0]
+    cells = [grid[y:y + 32, x:x + 32] for x, y in [(0, 0), (32, 0), (0, 32), (32, 32)]]
+    for cell, img in zip(cells, images):
+        np.testing.assert_array_equal(cell, img)
+
+
+def test_resume_redoes_only_the_missing_prompt(tiny, tmp_path, capsys):
+    import shutil
+    run_geneval_cli(tiny, tmp_path, "--batch-size", "4")
+    before = snapshot(tmp_path)
+    shutil.rmtree(tmp_path / "00003")
+    os.remove(tmp_path / "00001" / "samples" / "0000.png")  # unfinished: redone whole
+    capsys.readouterr()
+    run_geneval_cli(tiny, tmp_path, "--batch-size", "1")  # another batching: the same images
+    assert "3 already finished" in capsys.readouterr().out
+    after = snapshot(tmp_path)
+    assert set(after) == set(before)
+    for path, (data, mtime) in after.items():
+        assert data == before[path][0], path
+        redone = path.startswith(("00001/", "00003/"))
+        assert (mtime != before[path][1]) == redone, path
+    # a finished run: nothing to do, nothing loaded
+    run_geneval_cli(tiny, tmp_path)
+    assert snapshot(tmp_path) == after
+
+
+def test_shards_cover_every_prompt_exactly_once(tiny, tmp_path, capsys, monkeypatch):
+    prompts = geneval.read_geneval_metadata(tiny.meta)
+    parts = [geneval.shard(prompts, k, 3) for k in range(3)]
+    assert sorted(p.index for part in parts for p in part) == list(range(len(prompts)))
+    assert geneval.parse_shard(None, {"RANK": "2", "WORLD_SIZE": "3"}) == (2, 3)
+    assert geneval.parse_shard(None, {}) == (0, 1)
+    assert geneval.parse_shard("1/3", {"RANK": "2", "WORLD_SIZE": "3"}) == (1, 3)
+    for k in range(3):
+        capsys.readouterr()
+        if k == 2:  # as torchrun would start it
+            monkeypatch.setenv("RANK", "2")
+            monkeypatch.setenv("WORLD_SIZE", "3")
+            run_dpg_cli(tiny, tmp_path)
+        else:
+            run_dpg_cli(tiny, tmp_path, "--shard", f"{k}/3")
+        assert "1 of this shard's 1 prompts generated" in capsys.readouterr().out
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".png")]) == 3
+
+
+def test_overwrite_redoes_a_run_with_other_settings(tiny, tmp_path):
+    run_geneval_cli(tiny, tmp_path, "--grid")
+    run_geneval_cli(tiny, tmp_path, "--n", "1", "--cfg", "3", "--overwrite")
+    files = set(snapshot(tmp_path))
+    assert "00000/samples/0001.png" not in files and "00000/grid.png" in files
+    settings = json.loads((tmp_path / geneval.SETTINGS_FILE).read_text())
+    assert settings["n"] == 1 and settings["guidance_scale"] == 3.0
+
+
+@pytest.mark.parametrize("case", ["malformed line", "not an object", "empty prompt",
+                                  "no prompt files", "empty prompt file", "other settings",
+                                  "shard 3/3", "shard x", "shard -1/2", "n 0"])
+def test_benchmark_bad_input_is_one_line_exit_2_before_generating(case, tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    meta, prompts, extra, command = tmp_path / "meta.jsonl", tmp_path / "prompts", [], "geneval"
+    lines = list(META_LINES)
+    prompts.mkdir()
+    if case == "malformed line":
+        lines[2] = lines[2][:-1]
+    elif case == "not an object":
+        lines[2] = "[1, 2]"
+    elif case == "empty prompt":
+        lines[2] = json.dumps({"tag": "colors", "prompt": "  "})
+    elif case in ("no prompt files", "empty prompt file"):
+        command = "dpg"
+        (prompts / "notes.md").write_text("a cat")
+        if case == "empty prompt file":
+            (prompts / "3.txt").write_text("\n")
+    elif case == "other settings":
+        run_geneval_cli(tiny, out)  # n 2 there
+        capsys.readouterr()
+        extra = ["--n", "3"]
+    elif case.startswith("shard"):
+        extra = [f"--shard={case.split()[1]}"]  # = : argparse reads -1/2 as a flag
+    else:
+        extra = ["--n", "0"]
+    meta.write_text("\n".join(lines) + "\n")
+    before = snapshot(out) if out.exists() else {}
+    source = (["--metadata", str(meta)] if command == "geneval" else ["--prompts", str(prompts)])
+    with pytest.raises(SystemExit) as e:
+        geneval.main([command, *source, "--ckpt", tiny.lm, "--vq", tiny.vq, "--outdir", str(out),
+                      *FAST, *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"eval.py {command}: error: "), err
+    assert (snapshot(out) if out.exists() else {}) == before  # nothing made, nothing lost
+    expect = {"malformed line": "line 3: not valid JSON", "not an object": "line 3: not a JSON",
+              "empty prompt": "line 3: empty", "no prompt files": "no .txt files",
+              "empty prompt file": "3.txt: empty prompt", "other settings": "n 3 here, 2 there",
+              "n 0": "must be >= 1"}.get(case, "expected k/n")
+    assert expect in err, err
