@@ -7,6 +7,7 @@ with its ratios and the machine it ran on.
     python bench.py int8                     # int8 weight-only quality: logits, greedy codes
     python bench.py jacobi                   # speculative Jacobi decoding vs plain decoding
     python bench.py train                    # train.py tokens/s + MFU, 1 vs 2 processes
+    python bench.py grpo                     # one GRPO step at the 0.5B shape, CLIP-H reward
     python bench.py gpu                      # the GPU tables in one run (decode, 1024² image,
                                              # Cosmos)
 
@@ -406,6 +407,81 @@ def bench_train(a):
         print(f"{f'{procs} x {threads}':<22}{tps:>10.0f}{mfu:>8.1%}{tps / rows[0][2]:>9.2f}x")
 
 
+def wordlevel_tokenizer(n_text):
+    """A text tokenizer with n_text ids (whitespace words, <|endoftext|> and SimpleAR's 7 tokens
+    last): the vocabulary layout of a real checkpoint without its 150k-merge BPE."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = [data_py.EOS_TOKEN, *data_py.SPECIAL_TOKENS]
+    words = {f"w{i}": i for i in range(n_text - len(specials))}
+    tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    return tok
+
+
+def bench_grpo(a):
+    """One GRPO step of the shipped functions at the SimpleAR-0.5B shape, random weights: the
+    rollout (sample.text_to_image on a bf16/auto copy of the policy, the preset's sampling: no
+    guidance, temperature 1), the Cosmos DV8x16x16 decode, a ViT-H-14-shaped CLIP reward
+    (grpo.clip_reward, SimpleAR's preprocessing), the update (grpo.policy_step with beta 0.04: a
+    float32 reference model is held) and AdamW. Peak resident memory of the process."""
+    import copy
+
+    import clip
+    import grpo
+    from cosmos_tokenizer import CosmosConfig, CosmosTokenizer
+
+    torch.manual_seed(0)
+    dtype = model_py.resolve_dtype(a.dtype, "cpu")[0]
+    margs = ModelArgs.from_name("simplear-0.5b")
+    if a.layers:
+        margs.n_layers = a.layers
+    vq = CosmosTokenizer(CosmosConfig.from_name("dv8x16x16"), encoder=False).to(dtype).eval()
+    K, V = vq.codebook_size, margs.vocab_size
+    tok = wordlevel_tokenizer(V - K)
+    vocab = (V - K, V)
+    policy = random_model(margs, torch.float32, "cpu").requires_grad_(True)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    roller = copy.deepcopy(policy).to(dtype).prepare_decoding(vocab)
+    cargs = clip.CLIPArgs.from_name("vit-h-14")
+    clip_model = clip.CLIP(cargs).eval()
+    symbols = list(clip.bytes_to_unicode().values())
+    words = symbols + [s + "</w>" for s in symbols] + [clip.START, clip.END]
+    clip_model.tokenizer = clip.Tokenizer({w: i for i, w in enumerate(words)}, [])
+    reward = grpo.clip_reward(clip_model, "A photo of {}", "simplear")
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.0)
+    settings = sample.Sampling(guidance_scale=1.0)  # --preset simplear's rollouts
+    P, G = a.prompts, a.group
+    captions = [" ".join(f"w{7 * i + j}" for j in range(12)) for i in range(P)]
+    params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+    print(f"one GRPO step: SimpleAR-0.5B shape ({margs.n_layers} layers, {params(policy):.0f}M), "
+          f"ViT-H-14-shaped CLIP ({params(clip_model):.0f}M, float32), Cosmos DV8x16x16 decoder, "
+          f"random weights; {P} captions x {G} images at {a.size}² ({(a.size // 16) ** 2} tokens), "
+          f"rollouts in {str(dtype).removeprefix('torch.')}, update float32 with micro-batches of "
+          f"{a.micro_batch}, beta 0.04; {machine()}")
+    t0 = time.perf_counter()
+    rollout = sample.text_to_image(roller, tok, vq, captions, a.size, G, list(range(0, P * G, G)),
+                                   settings, batch_size=P * G, progress=True)
+    rollout_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    rewards = reward(captions, rollout.images)
+    reward_s = time.perf_counter() - t1
+    adv = grpo.group_advantages(rewards)
+    first_id = vocab[0]
+    t2 = time.perf_counter()
+    grpo.policy_step(policy, ref, opt, tok, captions, rollout.codes, adv, first_id, K, 0.04,
+                     a.micro_batch, 1.0, chunk=1024)
+    update_s = time.perf_counter() - t2
+    peak = _gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    lm_s, dec_s = rollout.lm_seconds, rollout.decoder_seconds
+    print(f"{'rollout LM s':>13}{'decode s':>10}{'reward s':>10}{'update s':>10}{'step s':>9}"
+          f"{'peak RSS GiB':>14}")
+    print(f"{lm_s:>13.1f}{dec_s:>10.1f}{reward_s:>10.1f}{update_s:>10.1f}"
+          f"{rollout_s + reward_s + update_s:>9.1f}{peak:>14.1f}")
+    print(f"rewards: mean {rewards.mean():.4f}, std {rewards.std():.4f} (random weights)")
+
+
 def _gib(kib: int) -> float:
     return kib / 2 ** 20  # ru_maxrss is in KiB on Linux
 
@@ -786,6 +862,17 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=4,
                    help="prompts of recipes/nano_prompts.txt, 64 tokens each")
     p.set_defaults(func=bench_int8)
+
+    p = sub.add_parser("grpo", help="one GRPO step at the SimpleAR-0.5B shape with a CLIP-H "
+                       "reward: rollout / decode / reward / update seconds, peak memory")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--prompts", type=int, default=7, help="captions (SimpleAR: 7)")
+    p.add_argument("--group", type=int, default=4, help="images per caption (SimpleAR: 4)")
+    p.add_argument("--micro-batch", type=int, default=4, help="sequences per backward pass")
+    p.add_argument("--layers", type=int, default=0, help="layers of the 0.5B shape (0: all 24)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the rollouts' dtype")
+    p.set_defaults(func=bench_grpo)
 
     args = parser.parse_args(argv)
     run_main("bench.py", args.func, args)

@@ -72,6 +72,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -239,7 +240,8 @@ def clip_reward(model, template="{}", preprocess="reference", scale=False, batch
     """A reward function: the cosine of CLIP's L2-normalised image and text embeddings,
     x exp(logit_scale) if scale; text = template.format(caption); images uint8 [P, G, H, W, 3]
     -> float [P, G]. preprocess: clip.preprocess's mode ("simplear" resizes the decoded [-1, 1]
-    image bilinearly, as SimpleAR's reward does)."""
+    image bilinearly, as SimpleAR's reward does; here from the uint8 image, 1/255 apart). Each
+    caption is encoded once, images in batches of `batch`."""
     import clip
 
     device = next(model.parameters()).device
@@ -247,8 +249,9 @@ def clip_reward(model, template="{}", preprocess="reference", scale=False, batch
     @torch.no_grad()
     def reward(captions, images):
         P, G = images.shape[:2]
-        flat = torch.from_numpy(np.ascontiguousarray(images)).flatten(0, 1)  # [P*G, H, W, 3]
         ids = model.tokenizer([template.format(c) for c in captions]).to(device)
+        text = F.normalize(model.encode_text(ids).float(), dim=-1)  # [P, D]
+        flat = torch.from_numpy(np.ascontiguousarray(images)).flatten(0, 1)  # [P*G, H, W, 3]
         out = []
         for s in range(0, P * G, batch):
             x = flat[s:s + batch]  # [b, H, W, 3] uint8
@@ -256,9 +259,10 @@ def clip_reward(model, template="{}", preprocess="reference", scale=False, batch
                 x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
             else:
                 x = list(x.numpy())
-            pixels = clip.preprocess(x, mode=preprocess).to(device)
-            out.append(clip.similarity(model, pixels, ids[torch.arange(s, s + len(pixels)) // G]))
-        r = torch.cat(out).float().view(P, G)
+            pixels = clip.preprocess(x, mode=preprocess, size=model.args.image_size)
+            pixels = pixels.to(device, model.logit_scale.dtype)
+            out.append(F.normalize(model.encode_image(pixels).float(), dim=-1))
+        r = (torch.cat(out).view(P, G, -1) * text[:, None]).sum(-1)  # [P, G]
         return (r * model.logit_scale.exp().float() if scale else r).cpu().double().numpy()
 
     return reward

@@ -351,3 +351,83 @@ def test_resume_with_a_prompts_file_equals_uninterrupted(tiny, tmp_path, monkeyp
     prompts.write_text("a cat\n")
     with pytest.raises(SystemExit):
         grpo.main([*argv_b, "--steps", "4", "--resume"])
+
+
+# ------------------------------------------------------------------------------ CLIP rewards
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny random CLIP saved as a Hugging Face directory (with a byte-level CLIP tokenizer) and
+    as HPSv2's checkpoint layout (open_clip keys under "state_dict", no tokenizer)."""
+    import clip
+    root = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    model = clip.CLIP(clip.CLIPArgs.from_name("tiny")).eval()
+    symbols = list(clip.bytes_to_unicode().values())
+    words = symbols + [s + "</w>" for s in symbols] + [clip.START, clip.END]
+    model.tokenizer = clip.Tokenizer({w: i for i, w in enumerate(words)}, [])
+    clip.save_hf(model, root / "hf")
+    hps = {"state_dict": {f"module.{k}": v for k, v in
+                          clip.export_state(model, "open_clip").items()}}
+    torch.save(hps, root / "hps.pt")
+    return model, str(root / "hf"), str(root / "hps.pt")
+
+
+def test_clip_rewards_are_the_references_scores(tiny_clip):
+    """clip: cosine with "A photo of {caption}" and SimpleAR's bilinear resize of the [-1, 1]
+    image; pickscore: exp(logit_scale) x cosine, reference preprocessing, the caption as is."""
+    import clip
+    model, hf, _ = tiny_clip
+    images = np.random.default_rng(0).integers(0, 256, (2, 3, 40, 40, 3), dtype=np.uint8)
+    captions = ["a red circle", "two cats"]
+    args = grpo.parse_args(["--clip-ckpt", hf, "--pickscore-ckpt", hf])
+    got = grpo.REWARDS["clip"](args, "cpu")(captions, images)
+    got_pick = grpo.REWARDS["pickscore"](args, "cpu")(captions, images)
+    for p in range(2):
+        ids = model.tokenizer([f"A photo of {captions[p]}"])
+        ids_pick = model.tokenizer([captions[p]])
+        for g in range(3):
+            x = torch.from_numpy(images[p, g]).permute(2, 0, 1)[None].float() / 127.5 - 1
+            with torch.no_grad():
+                x = clip.preprocess(x, mode="simplear", size=32)
+                cos = clip.similarity(model, x, ids).item()
+                ref = clip.preprocess([images[p, g]], mode="reference", size=32)
+                pick = (model.logit_scale.exp() * clip.similarity(model, ref, ids_pick)).item()
+            assert got[p, g] == pytest.approx(cos, abs=1e-5)
+            assert got_pick[p, g] == pytest.approx(pick, abs=1e-4)
+
+
+def test_run_with_clip_and_hps_rewards(tiny, tiny_clip, tmp_path):
+    lm, vq = tiny
+    _, hf, hps = tiny_clip
+    out = tmp_path / "run"
+    (tmp_path / "p.txt").write_text("a cat\na dog on a bike\n")
+    grpo.main(["--ckpt", lm, "--vq", vq, "--size", "32", "--prompts-per-step", "2", "--group",
+               "2", "--steps", "1", "--beta", "0", "--reward", "clip=1", "hps=0.5",
+               "--clip-ckpt", hf, "--hps-ckpt", hps, "--out", str(out), "--no-progress",
+               "--prompts", str(tmp_path / "p.txt")])  # HPSv2's tokenizer: --clip-ckpt's
+    r = read_log(out)[0]
+    assert set(r["rewards"]) == {"clip", "hps"}
+    assert r["reward"] == pytest.approx(r["rewards"]["clip"] + 0.5 * r["rewards"]["hps"],
+                                        abs=1e-3)
+    assert "categories" not in r  # captions from the file
+
+
+@pytest.mark.parametrize("what", ["truncated", "architecture", "no tokenizer"])
+def test_bad_reward_checkpoint_is_one_line(tiny, tiny_clip, tmp_path, capsys, what):
+    import shutil
+    lm, vq = tiny
+    _, hf, hps = tiny_clip
+    flags = {"truncated": ["--reward", "clip", "--clip-ckpt", str(tmp_path / "cut")],
+             "architecture": ["--reward", "clip", "--clip-ckpt", lm],
+             "no tokenizer": ["--reward", "hps", "--hps-ckpt", hps]}[what]
+    shutil.copytree(hf, tmp_path / "cut")
+    weights = tmp_path / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        grpo.main(["--ckpt", lm, "--vq", vq, "--out", str(out), *flags])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and err.startswith("grpo.py: error: "), err
+    assert {"truncated": "model.safetensors", "architecture": "config.json",
+            "no tokenizer": "tokenizer"}[what] in err, err
+    assert not out.exists()
