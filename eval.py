@@ -63,7 +63,8 @@ generator reseeds every prompt alike): an image is the same whatever batch or sh
 
 Resuming: a prompt is finished when all its files exist. Every file is written under a temporary
 name and renamed (cli.write_atomic), and a geneval folder's metadata.jsonl last, so a killed run
-leaves whole files only; a rerun skips finished prompts and redoes the rest. OUT/eval_settings.json
+leaves no half-written file under a final name (a temporary one is removed when its prompt is
+redone); a rerun skips finished prompts and redoes the rest. OUT/eval_settings.json
 records what the images were made with (checkpoint, sampling, size, n, seed, dtype, Jacobi, the
 prompts' hash); a run whose settings differ stops and names the difference, unless --overwrite,
 which redoes every prompt. --shard k/n takes prompts k, k + n, k + 2n, ... (under torchrun, RANK
@@ -381,6 +382,7 @@ EVAL_N = 4
 DPG_N = 4  # ELLA's compute_dpg_bench.py crops at most 4 images, a 2x2 grid
 SETTINGS_FILE = "eval_settings.json"
 CLIPSCORE_FILE = "clipscore.json"
+CLIP_METRIC = "100 * max(cos, 0) per image, the mean over images (see clip_score)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,6 +477,22 @@ def output_files(benchmark, out, prompt, n, grid=False) -> list:
     return ([os.path.join(folder, "samples", f"{j:04d}.png") for j in range(n)]
             + ([os.path.join(folder, "grid.png")] if grid else [])
             + [os.path.join(folder, "metadata.jsonl")])
+
+
+def remove_temporaries(benchmark, out, prompt):
+    """Delete what a killed run left under cli.write_atomic's temporary names for this unfinished
+    prompt: DPG's evaluator would read OUT/NAME.tmpPID.png as prompt NAME. Only this prompt's own
+    names, which no other shard writes."""
+    if benchmark == "dpg":
+        folders, pattern = [out], re.escape(prompt.name) + r"\.tmp\d+\.png"
+    else:
+        folder = os.path.join(out, prompt.name)
+        folders, pattern = [folder, os.path.join(folder, "samples")], r".+\.tmp\d+\.(png|jsonl)"
+    for folder in folders:
+        if os.path.isdir(folder):
+            for f in os.listdir(folder):
+                if re.fullmatch(pattern, f):
+                    os.remove(os.path.join(folder, f))
 
 
 def tile(images, cols) -> Image.Image:
@@ -597,6 +615,7 @@ def run_benchmark(args) -> dict:
                                        n, args.seed, sampling, batch_size=args.batch_size,
                                        compile=args.compile, progress=False, jacobi=speculative)
         for p, images in zip(group, samples.images):
+            remove_temporaries(args.command, args.outdir, p)
             write_prompt(args.command, args.outdir, p, images, args.grid)
         bar.update(len(group) * n)
     bar.close()
@@ -679,13 +698,13 @@ def run_clipscore(args) -> dict:
     rows = run_images(args.run, args.prompts)
     device = str(sample.check_device(args.device))
     model = clip.load(args.clip, device=device, dtype=torch.float32)
-    result = dict(clip=args.clip, metric="100 * max(cos, 0) (torchmetrics CLIPScore)",
+    result = dict(clip=args.clip, metric=CLIP_METRIC,
                   **clip_score(model, rows, args.batch_size, device))
     out = args.out or os.path.join(args.run, CLIPSCORE_FILE)
     text = json.dumps(result, indent=1)
     write_atomic(out, lambda tmp: Path(tmp).write_text(text))
-    print(f"CLIP score {result['mean']:.2f} (100 * max(cos, 0), torchmetrics' CLIPScore) over "
-          f"{result['images']} images of {len(rows)} prompts; wrote {out}")
+    print(f"CLIP score {result['mean']:.2f} ({CLIP_METRIC}) over {result['images']} images of "
+          f"{len(rows)} prompts; wrote {out}")
     return result
 
 

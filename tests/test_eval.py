@@ -373,6 +373,9 @@ def test_resume_redoes_only_the_missing_prompt(tiny, tmp_path, capsys):
     run_geneval_cli(tiny, tmp_path, "--batch-size", "4")
     before = snapshot(tmp_path)
     shutil.rmtree(tmp_path / "00003")
+    # what a killed run leaves: a temporary file of an unfinished prompt, removed on resume
+    os.makedirs(tmp_path / "00003" / "samples")
+    (tmp_path / "00003" / "samples" / "0001.tmp999.png").write_bytes(b"half an image")
     os.remove(tmp_path / "00001" / "samples" / "0000.png")  # unfinished: redone whole
     capsys.readouterr()
     run_geneval_cli(tiny, tmp_path, "--batch-size", "1")  # another batching: the same images
@@ -409,11 +412,12 @@ def test_shards_cover_every_prompt_exactly_once(tiny, tmp_path, capsys, monkeypa
 
 def test_overwrite_redoes_a_run_with_other_settings(tiny, tmp_path):
     run_geneval_cli(tiny, tmp_path, "--grid")
-    run_geneval_cli(tiny, tmp_path, "--n", "1", "--cfg", "3", "--overwrite")
+    run_geneval_cli(tiny, tmp_path, "--n", "1", "--cfg", "3", "--jacobi", "--window", "3",
+                    "--overwrite")
     files = set(snapshot(tmp_path))
     assert "00000/samples/0001.png" not in files and "00000/grid.png" in files
     settings = json.loads((tmp_path / geneval.SETTINGS_FILE).read_text())
-    assert settings["n"] == 1 and settings["guidance_scale"] == 3.0
+    assert (settings["n"], settings["guidance_scale"], settings["jacobi"]["window"]) == (1, 3.0, 3)
 
 
 @pytest.mark.parametrize("case", ["malformed line", "not an object", "empty prompt",
@@ -458,3 +462,4 @@ def test_benchmark_bad_input_is_one_line_exit_2_before_generating(case, tiny, tm
               "empty prompt file": "3.txt: empty prompt", "other settings": "n 3 here, 2 there",
               "n 0": "must be >= 1"}.get(case, "expected k/n")
     assert expect in err, err
+
