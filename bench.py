@@ -7,6 +7,7 @@ with its ratios and the machine it ran on.
     python bench.py int8                     # int8 weight-only quality: logits, greedy codes
     python bench.py jacobi                   # speculative Jacobi decoding vs plain decoding
     python bench.py train                    # train.py tokens/s + MFU, 1 vs 2 processes
+    python bench.py clip                     # clip.py's ViT-H-14 forwards vs open_clip's
     python bench.py grpo                     # one GRPO step at the 0.5B shape, CLIP-H reward
     python bench.py gpu                      # the GPU tables in one run (decode, 1024² image,
                                              # Cosmos)
@@ -761,6 +762,96 @@ def bench_jacobi(a):
               + "".join(f"{c[w] / rel:>24.2f}" for c in compression.values()))
 
 
+def bench_clip(a):
+    """clip.py's image and text forwards (batch a.batch) against open_clip's on the same random
+    weights and inputs, in float32 and the dtype --dtype auto picks: medians of a.repeat runs
+    after one warm-up, and the largest |difference| of the embeddings. open_clip runs in the
+    reference environment (.venv-ref, its own torch; tests/openclip_reference.py bench)."""
+    import gc
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    import clip
+    ref_python = os.environ.get("SIMPLEAR_REF_PYTHON", ".venv-ref/bin/python")
+    if not os.path.isfile(ref_python):
+        raise FileNotFoundError(
+            f"no open_clip reference environment at {ref_python}: python3 -m venv .venv-ref && "
+            ".venv-ref/bin/python -m pip install torch==2.14.1 torchvision==0.29.1 "
+            "open-clip-torch (or set SIMPLEAR_REF_PYTHON)")
+    cargs = clip.CLIPArgs.from_name(a.model)
+    if a.layers:
+        cargs.vision_layers = cargs.text_layers = a.layers
+    auto = model_py.resolve_dtype("auto", "cpu")[0]
+    dtypes = [torch.float32] + ([auto] if auto != torch.float32 else [])
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = clip.CLIP(cargs)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():  # random weights: small normals, norms near 1 (init doesn't matter)
+        for n, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in n and n.endswith("weight") else 0.0, 0.02)
+    s = cargs.image_size
+    pixels = torch.randn(a.batch, 3, s, s)
+    ids = torch.zeros(a.batch, cargs.context_length, dtype=torch.long)
+    for i, end in enumerate(torch.linspace(6, cargs.context_length - 1, a.batch).long()):
+        ids[i, 0], ids[i, end] = 49406, 49407  # start, random words, end, zero padding
+        ids[i, 1:end] = torch.randint(1, 49406, (int(end) - 1,))
+    ours = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(clip.export_state(model, "open_clip"), os.path.join(tmp, "weights.safetensors"))
+        torch.save({"pixels": pixels, "ids": ids}, os.path.join(tmp, "inputs.pt"))
+        cfg = {"embed_dim": cargs.embed_dim, "quick_gelu": cargs.act == "quick_gelu",
+               "vision_cfg": {"image_size": s, "patch_size": cargs.patch_size,
+                              "width": cargs.vision_width, "layers": cargs.vision_layers,
+                              "head_width": cargs.vision_width // cargs.vision_heads,
+                              "mlp_ratio": cargs.vision_mlp / cargs.vision_width},
+               "text_cfg": {"context_length": cargs.context_length,
+                            "vocab_size": cargs.vocab_size, "width": cargs.text_width,
+                            "heads": cargs.text_heads, "layers": cargs.text_layers,
+                            "mlp_ratio": cargs.text_mlp / cargs.text_width}}
+        with open(os.path.join(tmp, "open_clip_config.json"), "w") as f:
+            json.dump({"model_cfg": cfg}, f)
+        names = [str(d).removeprefix("torch.") for d in dtypes]
+        with open(os.path.join(tmp, "bench.json"), "w") as f:
+            json.dump({"dtypes": names, "repeat": a.repeat, "threads": torch.get_num_threads()},
+                      f)
+        for dtype, name in zip(dtypes, names):
+            model = model.to(dtype)
+            for part, fn, x in (("image", model.encode_image, pixels.to(dtype)),
+                                ("text", model.encode_text, ids)):
+                times = []
+                with torch.inference_mode():
+                    for _ in range(a.repeat + 1):  # the first run warms up
+                        t0 = time.perf_counter()
+                        y = fn(x)
+                        times.append(time.perf_counter() - t0)
+                ours[f"{part}_{name}_s"] = statistics.median(times[1:])
+                ours[f"{part}_{name}"] = y.float()
+        del model, fn
+        gc.collect()  # the reference process holds its own copy of the weights
+        proc = subprocess.run([ref_python, os.path.join(os.path.dirname(__file__), "tests",
+                                                        "openclip_reference.py"), "bench", tmp],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ValueError(f"open_clip reference run failed: {tail}")
+        ref = torch.load(os.path.join(tmp, "open_clip.pt"), weights_only=True)
+    layers = f"{cargs.vision_layers}+{cargs.text_layers} layers"
+    print(f"clip {a.model} ({layers}), random weights, batch {a.batch}, medians of {a.repeat}; "
+          f"ours: {machine()}; open_clip {ref['open_clip']}: torch {ref['torch']}, "
+          f"{ref['threads']} threads")
+    print(f"{'forward':<8} {'dtype':>9} {'ours ms':>9} {'open_clip ms':>13} {'speed-up':>9} "
+          f"{'max |Δ| emb':>12} {'max |emb|':>10}")
+    for name in names:
+        for part in ("image", "text"):
+            t, r = ours[f"{part}_{name}_s"], ref[f"{part}_{name}_s"]
+            delta = (ours[f"{part}_{name}"] - ref[f"{part}_{name}"]).abs().max().item()
+            scale = ref[f"{part}_{name}"].abs().max().item()
+            print(f"{part:<8} {name:>9} {1e3 * t:>9.1f} {1e3 * r:>13.1f} {r / t:>8.2f}x "
+                  f"{delta:>12.2e} {scale:>10.3f}")
+
+
 def main(argv=None):
     parser = Parser(prog="bench.py", description=__doc__.strip().splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -873,6 +964,15 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="the rollouts' dtype")
     p.set_defaults(func=bench_grpo)
+
+    p = sub.add_parser("clip", help="clip.py's image and text forwards vs open_clip's "
+                       "(in .venv-ref), fp32 and the auto dtype")
+    p.add_argument("--model", default="vit-h-14", help="clip.py preset")
+    p.add_argument("--layers", type=int, default=0,
+                   help="cut both towers to this many layers (0: all)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeat", type=int, default=3, help="runs per row; the median is reported")
+    p.set_defaults(func=bench_clip)
 
     args = parser.parse_args(argv)
     run_main("bench.py", args.func, args)
