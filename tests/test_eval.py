@@ -463,3 +463,66 @@ def test_benchmark_bad_input_is_one_line_exit_2_before_generating(case, tiny, tm
               "n 0": "must be >= 1"}.get(case, "expected k/n")
     assert expect in err, err
 
+
+# ------------------------------------------------------------------------------------ CLIP score
+def write_tiny_clip(path, seed=0):
+    """A random transformers CLIPModel (224² input in 4 x 4 patches) with CLIP's byte-level
+    vocabulary and no merges (vocab.json + merges.txt), in the layout clip.load reads."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from clip import bytes_to_unicode
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    torch.manual_seed(seed)
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    config = CLIPConfig(projection_dim=16,
+                        text_config=dict(vocab_size=len(vocab), eos_token_id=len(vocab) - 1,
+                                         bos_token_id=len(vocab) - 2, **small),
+                        vision_config=dict(image_size=224, patch_size=56, **small))
+    CLIPModel(config).save_pretrained(path)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    return str(path)
+
+
+def test_clipscore_pairs_each_image_with_its_prompt_in_both_layouts(tiny, tmp_path, capsys):
+    import torch
+
+    import clip
+    run_geneval_cli(tiny, tmp_path / "geneval", "--n", "4")
+    run_dpg_cli(tiny, tmp_path / "dpg")
+    ckpt = write_tiny_clip(tmp_path / "clip")
+    capsys.readouterr()
+    geneval.main(["clipscore", str(tmp_path / "geneval"), "--clip", ckpt, "--device", "cpu"])
+    assert "CLIP score" in capsys.readouterr().out
+    geneval.main(["clipscore", str(tmp_path / "dpg"), "--prompts", tiny.prompts, "--clip", ckpt,
+                  "--out", str(tmp_path / "dpg.json"), "--device", "cpu"])
+    g = json.loads((tmp_path / "geneval" / geneval.CLIPSCORE_FILE).read_text())
+    d = json.loads((tmp_path / "dpg.json").read_text())
+    assert g["images"] == 4 * len(META) and d["images"] == 4 * 3
+    assert list(g["per_prompt"]) == [f"{i:05d}" for i in range(len(META))]
+    assert list(d["per_prompt"]) == ["1", "10", "partiprompts7"]
+    # the reference: each image file against its own prompt, through clip.py directly
+    model = clip.load(ckpt)
+    for i, m in enumerate(META):
+        folder = tmp_path / "geneval" / f"{i:05d}" / "samples"
+        imgs = [Image.open(folder / f"{j:04d}.png") for j in range(4)]
+        with torch.no_grad():
+            cos = clip.similarity(model, clip.preprocess(imgs, mode="reference"),
+                                  model.tokenizer([m["prompt"]] * 4))
+        expected = float((100 * cos.clamp(min=0)).mean())
+        assert g["per_prompt"][f"{i:05d}"]["score"] == pytest.approx(expected, abs=1e-4)
+        assert g["per_prompt"][f"{i:05d}"]["prompt"] == m["prompt"]
+    # a dpg grid's four cells are geneval's four samples of the same prompt (same seeds)
+    for name, i in (("1", 0), ("10", 1), ("partiprompts7", 2)):
+        assert d["per_prompt"][name]["score"] == pytest.approx(
+            g["per_prompt"][f"{i:05d}"]["score"], abs=1e-4)
+    assert g["mean"] == pytest.approx(np.mean([r["score"] for r in g["per_prompt"].values()]))
+    # a dpg run needs its prompts: one line, exit 2, nothing written
+    with pytest.raises(SystemExit) as e:
+        geneval.main(["clipscore", str(tmp_path / "dpg"), "--clip", ckpt, "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--prompts" in err
+    assert not (tmp_path / "dpg" / geneval.CLIPSCORE_FILE).exists()
