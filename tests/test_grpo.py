@@ -431,3 +431,24 @@ def test_bad_reward_checkpoint_is_one_line(tiny, tiny_clip, tmp_path, capsys, wh
     assert {"truncated": "model.safetensors", "architecture": "config.json",
             "no tokenizer": "tokenizer"}[what] in err, err
     assert not out.exists()
+
+
+def test_activation_checkpointing_gives_the_same_gradient(tiny):
+    lm, _ = tiny
+    tok = data.load_text_tokenizer(lm)
+    model = Transformer.from_pretrained(lm)
+    K = 64
+    first_id = data.first_image_id(model.args.vocab_size, K, tok.get_vocab_size())
+    codes = torch.randint(0, K, (2, 2, 2, 2), generator=torch.Generator().manual_seed(3))
+    adv = torch.tensor([[0.5, -0.5], [1.0, -1.0]])
+    grads = []
+    for recompute in (False, True):
+        model.gradient_checkpointing = recompute
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        opt.zero_grad = lambda set_to_none=True: None
+        model.zero_grad()
+        grpo.policy_step(model, model, opt, tok, ["a cat", "a dog"], codes, adv, first_id, K,
+                         0.1, 3, 0)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    assert any(a.abs().max() > 0 for a in grads[0])
