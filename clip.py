@@ -491,6 +491,9 @@ def _read_json(file: str) -> dict:
 
 
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# the files of a hub repository that load() needs, for a caller that downloads one (sample.py's
+# resolve_dir): the Hugging Face weights, config and tokenizer, not open_clip's copy of the weights
+HUB_FILES = ["*.json", "model.safetensors*", "*.txt"]
 WEIGHT_EXTS = (".safetensors", ".bin", ".pt", ".pth")
 
 

@@ -697,7 +697,9 @@ def run_clipscore(args) -> dict:
     import clip
     rows = run_images(args.run, args.prompts)
     device = str(sample.check_device(args.device))
-    model = clip.load(args.clip, device=device, dtype=torch.float32)
+    path = args.clip if os.path.exists(args.clip) else sample.resolve_dir(
+        args.clip, "--clip", clip.HUB_FILES)  # a hub id, as sample.py fetches one
+    model = clip.load(path, device=device, dtype=torch.float32)
     result = dict(clip=args.clip, metric=CLIP_METRIC,
                   **clip_score(model, rows, args.batch_size, device))
     out = args.out or os.path.join(args.run, CLIPSCORE_FILE)

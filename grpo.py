@@ -269,9 +269,14 @@ def clip_reward(model, template="{}", preprocess="reference", scale=False, batch
 
 
 def load_clip(path, what, tokenizer=None, device="cpu"):
+    """clip.load of --{what}-ckpt: a local path, or a hub id downloaded as sample.py downloads."""
     import clip
     if not path:
         raise ValueError(f"--reward {what} needs --{what}-ckpt")
+    if not os.path.exists(path):
+        path = sample.resolve_dir(path, f"--{what}-ckpt", clip.HUB_FILES)
+    if tokenizer and not os.path.exists(tokenizer):
+        tokenizer = sample.resolve_dir(tokenizer, "CLIP tokenizer", clip.HUB_FILES)
     kw = {"tokenizer": tokenizer} if tokenizer else {}
     return clip.load(path, device=device, **kw)
 
