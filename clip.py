@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import write_atomic
+from cli import Parser, run_main, warn, write_atomic
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's CLIP image statistics, used by all three
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -506,7 +506,7 @@ def load(path, device="cpu", dtype=torch.float32, tokenizer=None) -> CLIP:
 
     The tokenizer comes from `tokenizer` (a directory or merges file, see Tokenizer.from_dir) or
     else from the checkpoint's directory; a checkpoint without one (HPSv2's .pt) is a ValueError
-    saying to pass tokenizer=. A missing path is a FileNotFoundError; an unreadable file, or a
+    saying to pass one. A missing path is a FileNotFoundError; an unreadable file, or a
     config.json of another model, a ValueError."""
     path = str(path)
     if not os.path.exists(path):
@@ -654,7 +654,7 @@ class Tokenizer:
             words = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
             vocab = {w: i for i, w in enumerate(words + [START, END])}
             return cls(vocab, merges, context_length)
-        hint = ("pass tokenizer=DIR (a directory with tokenizer.json, vocab.json + merges.txt or "
+        hint = ("give a tokenizer directory (with tokenizer.json, vocab.json + merges.txt or "
                 "bpe_simple_vocab_16e6.txt.gz, e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K's)")
         raise ValueError(f"no CLIP tokenizer in {path}: {hint}")
 
@@ -738,7 +738,6 @@ def preprocess(images, mode: str = "reference", size: int = 224) -> torch.Tensor
 # Command line
 
 def main(argv=None):
-    from cli import Parser, run_main
     p = Parser(prog="clip.py", description="CLIP cosine score of each image with each caption")
     p.add_argument("--ckpt", required=True, help="Hugging Face CLIPModel directory or open_clip "
                    "checkpoint (file or directory)")
@@ -754,29 +753,37 @@ def main(argv=None):
 
 
 def _run(a):
-    import warnings
-
     from PIL import Image
 
     from model import resolve_dtype
-    dtype, warning = resolve_dtype(a.dtype, a.device)
+    from sample import check_device
+
+    def read(f):  # the images are checked before the weights load
+        try:
+            with Image.open(f) as im:
+                return im.convert("RGB")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image not found: {f}") from None
+        except OSError as e:  # not an image, truncated
+            raise ValueError(f"{f} is not a readable image ({e})") from None
+
+    device = check_device(a.device)
+    dtype, warning = resolve_dtype(a.dtype, device)
     if warning:
-        warnings.warn(warning)
-    for f in a.image:
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"image not found: {f}")
-    model = load(a.ckpt, a.device, dtype, a.tokenizer)
+        warn("clip.py", warning)
+    images = [read(f) for f in a.image]
+    model = load(a.ckpt, device, dtype, a.tokenizer)
     size = model.args.image_size
     if a.mode == "simplear":  # the [-1, 1] tensor a decoder would give
-        images = [torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy())
-                  .permute(2, 0, 1).float() / 127.5 - 1 for f in a.image]
-        pixels = torch.cat([preprocess(im[None], "simplear", size) for im in images])
+        tensors = [torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
+                   for im in images]
+        pixels = torch.cat([preprocess(t[None], "simplear", size) for t in tensors])
     else:
-        pixels = preprocess([Image.open(f) for f in a.image], "reference", size)
+        pixels = preprocess(images, "reference", size)
     n_img, n_txt = len(a.image), len(a.text)
     with torch.inference_mode():
-        scores = similarity(model, pixels.repeat_interleave(n_txt, 0).to(a.device),
-                            model.tokenizer(a.text).repeat(n_img, 1).to(a.device))
+        scores = similarity(model, pixels.repeat_interleave(n_txt, 0).to(device, dtype),
+                            model.tokenizer(a.text).repeat(n_img, 1).to(device))
     for (i, t), s in zip([(i, t) for i in a.image for t in a.text], scores.tolist()):
         print(f"{s:.4f}\t{i}\t{t}")
 

@@ -67,8 +67,10 @@ leaves no half-written file under a final name (a temporary one is removed when 
 redone); a rerun skips finished prompts and redoes the rest. OUT/eval_settings.json
 records what the images were made with (checkpoint, sampling, size, n, seed, dtype, Jacobi, the
 prompts' hash); a run whose settings differ stops and names the difference, unless --overwrite,
-which redoes every prompt. --shard k/n takes prompts k, k + n, k + 2n, ... (under torchrun, RANK
-and WORLD_SIZE stand for k and n when --shard is not given); shards share OUT.
+which redoes every prompt of this shard (e.g. after the weights changed under the same path; each
+shard deletes only its own prompts' files). --shard k/n takes prompts k, k + n, k + 2n, ...
+(under torchrun, RANK and WORLD_SIZE stand for k and n when --shard is not given); shards share
+OUT.
 """
 import dataclasses
 import json
@@ -91,7 +93,8 @@ import sample
 from cli import Parser, run_main, write_atomic
 from cosmos_tokenizer import CosmosTokenizer, pil_to_tensor, tensor_to_uint8
 from data import (BACKGROUND, CATEGORIES, NUMBERS, PALETTE, RELATIONS, SHAPES, ShapesDataset,
-                  relations, render_shapes, sample_scene)
+                  encode_negative, encode_prompts, first_image_id, relations, render_shapes,
+                  sample_scene)
 
 # ------------------------------------------------------------------------------------ the detector
 # row 0: background, then the palette
@@ -583,11 +586,11 @@ def run_benchmark(args) -> dict:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     args.device = device
     dtype = sample.runtime_dtype(args, "eval.py")
-    sample.prepare_out(args.outdir)
     ckpt_dir = sample.resolve_dir(args.ckpt, "checkpoint", sample.CKPT_FILES)
+    sample.prepare_out(args.outdir)
     sampling = sample.Sampling.from_checkpoint(ckpt_dir, **flags)
     settings = run_settings(args, sampling, prompts, dtype, speculative)
-    redo = check_settings(args.outdir, settings, args.overwrite)
+    redo = check_settings(args.outdir, settings, args.overwrite) or args.overwrite
     mine = shard(prompts, k, shards)
     todo = [p for p in mine if redo or not all(
         map(os.path.isfile, output_files(args.command, args.outdir, p, n, args.grid)))]
@@ -596,8 +599,16 @@ def run_benchmark(args) -> dict:
     if not todo:
         return dict(prompts=len(mine), generated=0)
     model, tokenizer, vq, _ = sample.load(ckpt_dir, args.vq, device, dtype, args.quantize)
+    # the size's multiple and the positions of the longest prompt, before anything is written
+    sample.check_request(["x"], args.size, n, args.batch_size, args.seed,
+                         vq.spatial_compression)
+    first_id = first_image_id(model.args.vocab_size, vq.codebook_size, tokenizer.get_vocab_size())
+    longest = encode_prompts(tokenizer, [max((p.text for p in todo), key=len)])
+    side = args.size // vq.spatial_compression
+    sample.check_generation(model, longest, encode_negative(tokenizer, sampling.negative_prompt),
+                            first_id, vq.codebook_size, side * side, range(1), sampling)
     if redo:  # every prompt's last file goes first: none of the old run counts as finished
-        for p in prompts:
+        for p in mine:
             last = output_files(args.command, args.outdir, p, n, args.grid)[-1]
             if os.path.exists(last):
                 os.remove(last)
@@ -641,11 +652,12 @@ def run_images(out, prompts_dir=None) -> list:
             if not os.path.isfile(meta_path):
                 continue  # unfinished: written last
             with open(meta_path, encoding="utf-8-sig") as f:
-                text = json.load(f)["prompt"]
+                text = json.load(f).get("prompt")
+            if not isinstance(text, str):
+                raise ValueError(f"{meta_path}: no \"prompt\" string")
             sdir = os.path.join(out, d, "samples")
             files = sorted(f for f in os.listdir(sdir) if re.fullmatch(r"\d+\.png", f))
-            rows.append((d, text, [Image.open(os.path.join(sdir, f)).convert("RGB")
-                                   for f in files]))
+            rows.append((d, text, [open_image(os.path.join(sdir, f)) for f in files]))
     elif grids:
         if prompts_dir is None:
             raise ValueError(f"{out} is a DPG-Bench run: pass --prompts, the folder of its .txt "
@@ -656,7 +668,7 @@ def run_images(out, prompts_dir=None) -> list:
             if stem not in texts:
                 raise ValueError(f"{os.path.join(out, f)} has no prompt {stem}.txt in "
                                  f"{prompts_dir}")
-            grid = Image.open(os.path.join(out, f)).convert("RGB")
+            grid = open_image(os.path.join(out, f))
             r = grid.width // 2
             cells = [(0, 0), (r, 0), (0, r), (r, r)]
             rows.append((stem, texts[stem], [grid.crop((x, y, x + r, y + r)) for x, y in cells]))
@@ -664,6 +676,15 @@ def run_images(out, prompts_dir=None) -> list:
         raise ValueError(f"{out} holds no finished geneval folders ({{i:05d}}/metadata.jsonl) or "
                          "dpg grids (NAME.png)")
     return rows
+
+
+def open_image(path) -> Image.Image:
+    """An RGB image, or ValueError naming a file that is not one."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError as e:  # PIL's UnidentifiedImageError, a truncated file
+        raise ValueError(f"{path} is not a readable image ({e})") from None
 
 
 def clip_score(model, rows, batch_size=32, device="cpu") -> dict:
@@ -680,7 +701,8 @@ def clip_score(model, rows, batch_size=32, device="cpu") -> dict:
     for b in range(0, len(pairs), batch_size):
         chunk = pairs[b:b + batch_size]
         with torch.no_grad():
-            pixels = clip.preprocess([img for _, _, img in chunk], mode="reference").to(device)
+            pixels = clip.preprocess([img for _, _, img in chunk], mode="reference",
+                                     size=model.args.image_size).to(device)
             ids = model.tokenizer([text for _, text, _ in chunk]).to(device)
             cos = clip.similarity(model, pixels, ids).float().cpu()
         scores += (100 * cos.clamp(min=0)).tolist()
@@ -695,6 +717,8 @@ def clip_score(model, rows, batch_size=32, device="cpu") -> dict:
 def run_clipscore(args) -> dict:
     """clipscore: CLIP score of a geneval or dpg run, written as JSON (atomically)."""
     import clip
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     rows = run_images(args.run, args.prompts)
     device = str(sample.check_device(args.device))
     path = args.clip if os.path.exists(args.clip) else sample.resolve_dir(
@@ -755,7 +779,8 @@ def benchmark_parser(command) -> Parser:
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="prompts K, K+N, ... (default: torchrun's RANK/WORLD_SIZE, else all)")
     p.add_argument("--overwrite", action="store_true",
-                   help="redo the run in --outdir even if its eval_settings.json differs")
+                   help="redo this shard's prompts in --outdir, finished or not, whatever its "
+                   "eval_settings.json says")
     sample.add_sampling_args(p)
     sample.add_runtime_args(p)
     jacobi.add_args(p)
@@ -780,7 +805,9 @@ def clipscore_parser() -> Parser:
 def main_nano(argv=None):
     """GenEval-nano's command line (`eval.py [nano] ...`)."""
     p = Parser(prog="eval.py",
-               description="GenEval-nano: per-category accuracy of a model on the shapes world.")
+               description="GenEval-nano: per-category accuracy of a model on the shapes world.",
+               epilog="The real benchmarks are subcommands: eval.py geneval --help, eval.py dpg "
+               "--help, eval.py clipscore --help.")
     p.add_argument("--ckpt", default=sample.DEFAULT_CKPT,
                    help="LM checkpoint directory (default: sample.py's)")
     p.add_argument("--vq", default=sample.DEFAULT_VQ,

@@ -29,11 +29,11 @@ A group whose images all score alike has zero advantage; with beta = 0 its seque
 forwarded.
 
 Which distribution logp is (--logprob), with guidance set by --cfg as in sampling:
-  * conditional (default): the conditional branch over the image rows. With --cfg 1 this is the
-    sampler itself, exactly on-policy: SimpleAR's recipe (its rollouts ran without guidance or
-    top-k). With guidance it is T2I-R1's choice (arXiv 2505.00703): guided rollouts, the
-    conditional policy learns.
-  * guided: the guided distribution that drew the sample, log_softmax(lu + s(lc - lu)) / T, both
+  * conditional (default): the conditional branch over the image rows. With --cfg 1, temperature
+    1, no top-k/top-p and repetition penalty 1 this is the sampler itself, exactly on-policy:
+    SimpleAR's recipe (its rollouts ran without guidance or top-k). With guidance it is T2I-R1's
+    choice (arXiv 2505.00703): guided rollouts, the conditional policy learns.
+  * guided: the guided distribution that drew the sample, log_softmax((lu + s(lc - lu)) / T), both
     branches forwarded with gradient (AR-GRPO, arXiv 2508.06924): exact, at twice the update's
     compute. It needs no top-k/top-p and no repetition penalty, whose per-position state the
     teacher-forced pass does not carry.
@@ -90,7 +90,7 @@ PROG = "grpo.py"
 # 4 images, AdamW 1e-6, cosine to 0.1 lr after 10% warmup, beta 0.04, rollouts at temperature 1
 # without guidance or top-k (a top-k of 64,000 is no filter on its codebook), 1024² (4,096 tokens)
 PRESETS = {
-    "nano": {},  # the flags' own defaults
+    "none": {},  # the flags' own defaults
     "simplear": dict(prompts_per_step=7, group=4, lr=1e-6, schedule="cosine", warmup_ratio=0.1,
                      min_lr_ratio=0.1, beta=0.04, size=1024, guidance_scale=1.0, temperature=1.0,
                      top_k=64000, top_p=1.0, repetition_penalty=1.0, logprob="conditional",
@@ -101,8 +101,9 @@ PRESETS = {
 def get_parser():
     p = Parser(prog=PROG, description="GRPO of a SimpleAR checkpoint",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=list(PRESETS), default="nano",
-                   help="a recipe's settings; flags given on the command line override them")
+    p.add_argument("--preset", choices=list(PRESETS), default="none",
+                   help="a recipe's settings (none: the defaults below); flags given on the "
+                   "command line override them")
     p.add_argument("--ckpt", default=sample.DEFAULT_CKPT,
                    help="starting LM checkpoint (and the KL reference)")
     p.add_argument("--vq", default=sample.DEFAULT_VQ,
@@ -199,12 +200,14 @@ def read_captions(path) -> list:
     whose first string is taken; SimpleAR's meta lists), or plain text, one per line. A byte-order
     mark is accepted. ValueError when none is usable."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--prompts {path}: no such file")
+        hint = " (a count of captions is --prompts-per-step)" if path.isdigit() else ""
+        raise FileNotFoundError(f"--prompts {path}: no such file{hint}")
     if path.endswith((".json", ".jsonl")):
         captions = []
         for rec in data.read_meta(path):
             c = rec.get("caption") if isinstance(rec, dict) else rec
-            c = next((x for x in c if isinstance(x, str)), None) if isinstance(c, list) else c
+            if isinstance(c, list):  # the first non-empty one
+                c = next((x for x in c if isinstance(x, str) and x.strip()), None)
             if isinstance(c, str) and c.strip():
                 captions.append(c.strip())
     else:
@@ -281,6 +284,17 @@ def load_clip(path, what, tokenizer=None, device="cpu"):
     return clip.load(path, device=device, **kw)
 
 
+def hps_tokenizer(args):
+    """HPSv2's checkpoint is weights alone: its tokenizer is CLIP-H's, from --hps-tokenizer or the
+    --clip-ckpt directory."""
+    tokenizer = args.hps_tokenizer or args.clip_ckpt
+    if not tokenizer and args.hps_ckpt and os.path.isfile(args.hps_ckpt):
+        raise ValueError(f"--hps-ckpt {args.hps_ckpt} holds no tokenizer: pass --hps-tokenizer "
+                         "DIR (a CLIP-H directory, e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K) "
+                         "or --clip-ckpt DIR")
+    return tokenizer
+
+
 # name -> f(args, device) -> reward function; each loads what it needs
 REWARDS = {
     "geneval-nano": lambda args, device: geneval_reward,
@@ -288,8 +302,7 @@ REWARDS = {
                                              template="A photo of {}", preprocess="simplear"),
     "pickscore": lambda args, device: clip_reward(load_clip(args.pickscore_ckpt, "pickscore",
                                                             device=device), scale=True),
-    "hps": lambda args, device: clip_reward(load_clip(args.hps_ckpt, "hps",
-                                                      args.hps_tokenizer or args.clip_ckpt,
+    "hps": lambda args, device: clip_reward(load_clip(args.hps_ckpt, "hps", hps_tokenizer(args),
                                                       device=device)),
 }
 
@@ -462,6 +475,26 @@ def check_flags(args):
             raise ValueError(f"--categories: unknown {c!r}; expected some of {data.CATEGORIES}")
 
 
+# what a resumed run must share with the checkpoint's to continue it exactly
+# (not --steps: a run may be extended, as train.py's; nor the world size: ranks change nothing)
+RUN_ARGS = ("prompts", "prompts_per_step", "group", "categories", "reward", "seed", "lr",
+            "schedule", "warmup_steps", "warmup_ratio", "min_lr_ratio", "beta", "logprob", "size",
+            "grad_clip")
+
+
+def check_resume(args, state, resume, captions_file):
+    """ValueError naming what differs between this run and the one the checkpoint continues."""
+    old = state.get("args", {})
+    diff = [f"--{k.replace('_', '-')} {getattr(args, k)!r} here, {old[k]!r} there"
+            for k in RUN_ARGS if k in old and old[k] != getattr(args, k)]
+    n = state.get("prompts", {}).get("count")
+    if captions_file and n is not None and n != len(captions_file):
+        diff.append(f"--prompts {args.prompts} holds {len(captions_file)} captions, {n} there")
+    if diff:
+        raise ValueError(f"--resume {resume}: this run differs from the checkpoint's "
+                         f"({'; '.join(diff)}); resume with its settings, or start anew")
+
+
 def check_guided(settings, K):
     """The guided log-prob is the sampler's distribution only without the per-position filters."""
     filtered = settings.top_k is not None and settings.top_k < K
@@ -522,10 +555,7 @@ def grpo(args, rank, world, device):
         if resume:
             state = torch.load(os.path.join(resume, "trainer.pt"), map_location="cpu",
                                weights_only=False)
-            n = state.get("prompts", {}).get("count")
-            if captions_file and n is not None and n != len(captions_file):
-                raise ValueError(f"--prompts {args.prompts} holds {len(captions_file)} captions, "
-                                 f"the checkpoint's file held {n}: resume with the same file")
+            check_resume(args, state, resume, captions_file)
         dtype, warning = resolve_dtype(args.dtype, device)
         if warning:
             warn(PROG, warning)
@@ -543,7 +573,8 @@ def grpo(args, rank, world, device):
         rewards_fn = {name: REWARDS[name](args, device) for name in weights}
         ref = None
         if args.beta:
-            ref = Transformer.from_pretrained(args.ckpt, device=device).eval()
+            start = sample.resolve_dir(args.ckpt, "checkpoint", sample.CKPT_FILES)
+            ref = Transformer.from_pretrained(start, device=device).eval()
             ref.requires_grad_(False)
         if master:
             train.make_out_dir(args.out)

@@ -422,7 +422,7 @@ def test_overwrite_redoes_a_run_with_other_settings(tiny, tmp_path):
 
 @pytest.mark.parametrize("case", ["malformed line", "not an object", "empty prompt",
                                   "no prompt files", "empty prompt file", "other settings",
-                                  "shard 3/3", "shard x", "shard -1/2", "n 0"])
+                                  "shard 3/3", "shard x", "shard -1/2", "n 0", "size 40"])
 def test_benchmark_bad_input_is_one_line_exit_2_before_generating(case, tiny, tmp_path, capsys):
     out = tmp_path / "out"
     meta, prompts, extra, command = tmp_path / "meta.jsonl", tmp_path / "prompts", [], "geneval"
@@ -443,6 +443,8 @@ def test_benchmark_bad_input_is_one_line_exit_2_before_generating(case, tiny, tm
         run_geneval_cli(tiny, out)  # n 2 there
         capsys.readouterr()
         extra = ["--n", "3"]
+    elif case == "size 40":  # found once the visual tokenizer is loaded, still before any file
+        extra = ["--size", "40"]
     elif case.startswith("shard"):
         extra = [f"--shard={case.split()[1]}"]  # = : argparse reads -1/2 as a flag
     else:
@@ -460,14 +462,14 @@ def test_benchmark_bad_input_is_one_line_exit_2_before_generating(case, tiny, tm
     expect = {"malformed line": "line 3: not valid JSON", "not an object": "line 3: not a JSON",
               "empty prompt": "line 3: empty", "no prompt files": "no .txt files",
               "empty prompt file": "3.txt: empty prompt", "other settings": "n 3 here, 2 there",
-              "n 0": "must be >= 1"}.get(case, "expected k/n")
+              "n 0": "must be >= 1", "size 40": "not a multiple of"}.get(case, "expected k/n")
     assert expect in err, err
 
 
 # ------------------------------------------------------------------------------------ CLIP score
 def write_tiny_clip(path, seed=0):
-    """A random transformers CLIPModel (224² input in 4 x 4 patches) with CLIP's byte-level
-    vocabulary and no merges (vocab.json + merges.txt), in the layout clip.load reads."""
+    """A random transformers CLIPModel (64² input, not CLIP's 224, in 4 x 4 patches) with CLIP's
+    byte-level vocabulary and no merges (vocab.json + merges.txt), in the layout clip.load reads."""
     import torch
     from transformers import CLIPConfig, CLIPModel
 
@@ -480,7 +482,7 @@ def write_tiny_clip(path, seed=0):
     config = CLIPConfig(projection_dim=16,
                         text_config=dict(vocab_size=len(vocab), eos_token_id=len(vocab) - 1,
                                          bos_token_id=len(vocab) - 2, **small),
-                        vision_config=dict(image_size=224, patch_size=56, **small))
+                        vision_config=dict(image_size=64, patch_size=16, **small))
     CLIPModel(config).save_pretrained(path)
     (path / "vocab.json").write_text(json.dumps(vocab))
     (path / "merges.txt").write_text("#version: 0.2\n")
@@ -510,7 +512,7 @@ def test_clipscore_pairs_each_image_with_its_prompt_in_both_layouts(tiny, tmp_pa
         folder = tmp_path / "geneval" / f"{i:05d}" / "samples"
         imgs = [Image.open(folder / f"{j:04d}.png") for j in range(4)]
         with torch.no_grad():
-            cos = clip.similarity(model, clip.preprocess(imgs, mode="reference"),
+            cos = clip.similarity(model, clip.preprocess(imgs, mode="reference", size=64),
                                   model.tokenizer([m["prompt"]] * 4))
         expected = float((100 * cos.clamp(min=0)).mean())
         assert g["per_prompt"][f"{i:05d}"]["score"] == pytest.approx(expected, abs=1e-4)
@@ -526,3 +528,14 @@ def test_clipscore_pairs_each_image_with_its_prompt_in_both_layouts(tiny, tmp_pa
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "--prompts" in err
     assert not (tmp_path / "dpg" / geneval.CLIPSCORE_FILE).exists()
+
+
+def test_overwrite_redoes_a_run_with_the_same_settings(tiny, tmp_path):
+    """The weights may change under the same path: --overwrite redoes every prompt anyway."""
+    run_geneval_cli(tiny, tmp_path)
+    path = tmp_path / "00000" / "samples" / "0000.png"
+    path.write_bytes(b"stale")
+    run_geneval_cli(tiny, tmp_path)
+    assert path.read_bytes() == b"stale"  # finished prompts are skipped
+    run_geneval_cli(tiny, tmp_path, "--overwrite")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -347,10 +347,14 @@ def test_resume_with_a_prompts_file_equals_uninterrupted(tiny, tmp_path, monkeyp
     wa = Transformer.from_pretrained(tmp_path / "a" / "step_0000003").state_dict()
     wb = Transformer.from_pretrained(tmp_path / "b" / "step_0000003").state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    # the file changed under a resumed run: refused
+    # a resumed run that would not continue this one is refused, naming what differs
+    for change, word in ((["--group", "2"], "--group 2 here, 3 there"),
+                         (["--lr", "1e-2"], "--lr 0.01 here, 0.001 there")):
+        with pytest.raises(ValueError, match=word):
+            grpo.run(grpo.parse_args([*argv_b, "--steps", "4", "--resume", *change]))
     prompts.write_text("a cat\n")
-    with pytest.raises(SystemExit):
-        grpo.main([*argv_b, "--steps", "4", "--resume"])
+    with pytest.raises(ValueError, match="holds 1 captions, 4 there"):
+        grpo.run(grpo.parse_args([*argv_b, "--steps", "4", "--resume"]))
 
 
 # ------------------------------------------------------------------------------ CLIP rewards
