@@ -223,10 +223,13 @@ def file_captions(captions, seed, step, k) -> list:
     each epoch a permutation drawn from (seed, epoch); a function of the step alone, so a resumed
     run takes the same ones."""
     n = len(captions)
+    orders = {}  # epoch -> its permutation, drawn once per call
     out = []
     for pos in range(step * k, (step + 1) * k):
-        order = np.random.default_rng([seed, 1, pos // n]).permutation(n)
-        out.append(captions[order[pos % n]])
+        epoch = pos // n
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, 1, epoch]).permutation(n)
+        out.append(captions[orders[epoch][pos % n]])
     return out
 
 
@@ -623,12 +626,11 @@ def grpo(args, rank, world, device):
                                        settings, batch_size=(hi - lo) * G, progress=False,
                                        jacobi=speculative) if hi > lo else None
         t1 = time.perf_counter()
-        parts, total = {}, 0.0
+        parts, rewards = {}, 0.0
         for name, fn in rewards_fn.items():
             local = fn(captions[lo:hi], rollout.images) if rollout else np.zeros((0, G))
             parts[name] = gather_rewards(np.asarray(local, dtype=np.float64), world, G)
-            total = total + weights[name] * parts[name]
-        rewards = total
+            rewards = rewards + weights[name] * parts[name]  # [P, G]
         adv = group_advantages(rewards)
         t2 = time.perf_counter()
 

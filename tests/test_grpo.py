@@ -74,29 +74,41 @@ def slow_logprobs(model, tok, caption, codes, first_id, K):
     return torch.stack(out)
 
 
+def policy(lm, K=64):
+    """(tokenizer, model, first image id) of a tiny checkpoint with K codes."""
+    tok = data.load_text_tokenizer(lm)
+    model = Transformer.from_pretrained(lm)
+    return tok, model, data.first_image_id(model.args.vocab_size, K, tok.get_vocab_size())
+
+
+def step_gradient(model, ref, *args, **kw) -> dict:
+    """{name: gradient} of one grpo.policy_step(model, ref, opt, *args, **kw), the weights left
+    as they are: lr 0, and the step's zero_grad skipped so that the gradient stays."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt.zero_grad = lambda set_to_none=True: None
+    model.zero_grad()
+    grpo.policy_step(model, ref, opt, *args, **kw)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 def test_loss_gradient_is_the_advantage_weighted_logprob_gradient(tiny):
     """Batched and padded log-probs equal the slow loop; with beta, the k3 term's gradient is
     (1 - exp(ref - logp)) per token; the whole loss is normalised by every image token of the
     rollout."""
     lm, _ = tiny
-    tok = data.load_text_tokenizer(lm)
-    model, ref = Transformer.from_pretrained(lm), Transformer.from_pretrained(lm)
+    tok, model, first_id = policy(lm)
+    ref = Transformer.from_pretrained(lm)
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
     K = 64
-    first_id = data.first_image_id(model.args.vocab_size, K, tok.get_vocab_size())
     captions = ["a red circle", "two blue squares to the left of a yellow triangle"]
     codes = torch.randint(0, K, (2, 2, 2, 2), generator=torch.Generator().manual_seed(0))
     adv = torch.tensor([[0.7, -0.7], [0.0, 1.2]])
     beta = 0.1
 
-    # lr 0: the step leaves the weights; the gradient stays
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    opt.zero_grad = lambda set_to_none=True: None
-    grpo.policy_step(model, ref, opt, tok, captions, codes, adv, first_id, K, beta, micro_batch=3,
-                     grad_clip=0)
-    fast = {n: p.grad.clone() for n, p in model.named_parameters()}
+    fast = step_gradient(model, ref, tok, captions, codes, adv, first_id, K, beta, micro_batch=3,
+                         grad_clip=0)
 
     model.zero_grad()
     total = 0
@@ -114,10 +126,8 @@ def test_loss_gradient_is_the_advantage_weighted_logprob_gradient(tiny):
 
 def test_a_step_raises_the_likelihood_of_rewarded_images(tiny):
     lm, _ = tiny
-    tok = data.load_text_tokenizer(lm)
-    model = Transformer.from_pretrained(lm)
+    tok, model, first_id = policy(lm)
     K = 64
-    first_id = data.first_image_id(model.args.vocab_size, K, tok.get_vocab_size())
     codes = torch.randint(0, K, (1, 2, 2, 2), generator=torch.Generator().manual_seed(1))
     adv = grpo.group_advantages([[1.0, 0.0]])
     before = [slow_logprobs(model, tok, "a red circle", codes[0, g], first_id, K).sum().item()
@@ -199,23 +209,15 @@ def test_guided_logprob_gradient_equals_a_slow_loop_over_both_branches(tiny):
     forwarded with gradient; chunks of 3 tokens recomputed in the backward give the same gradient
     as one pass."""
     lm, _ = tiny
-    tok = data.load_text_tokenizer(lm)
-    model = Transformer.from_pretrained(lm)
+    tok, model, first_id = policy(lm)
     K = 64
-    first_id = data.first_image_id(model.args.vocab_size, K, tok.get_vocab_size())
     settings = sample.Sampling(guidance_scale=3.0, temperature=0.7, negative_prompt="")
     negative = data.encode_negative(tok, settings.negative_prompt)
     captions = ["a red circle", "two blue squares"]
     codes = torch.randint(0, K, (2, 2, 2, 2), generator=torch.Generator().manual_seed(2))
     adv = torch.tensor([[0.5, -0.5], [1.0, -1.0]])
-    grads = []
-    for chunk in (3, 1000):
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        opt.zero_grad = lambda set_to_none=True: None
-        model.zero_grad()
-        grpo.policy_step(model, None, opt, tok, captions, codes, adv, first_id, K, 0.0, 2, 0,
-                         chunk=chunk, guided=(negative, settings))
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    grads = [step_gradient(model, None, tok, captions, codes, adv, first_id, K, 0.0, 2, 0,
+                           chunk=chunk, guided=(negative, settings)) for chunk in (3, 1000)]
 
     model.zero_grad()
     total = 0
@@ -439,20 +441,14 @@ def test_bad_reward_checkpoint_is_one_line(tiny, tiny_clip, tmp_path, capsys, wh
 
 def test_activation_checkpointing_gives_the_same_gradient(tiny):
     lm, _ = tiny
-    tok = data.load_text_tokenizer(lm)
-    model = Transformer.from_pretrained(lm)
+    tok, model, first_id = policy(lm)
     K = 64
-    first_id = data.first_image_id(model.args.vocab_size, K, tok.get_vocab_size())
     codes = torch.randint(0, K, (2, 2, 2, 2), generator=torch.Generator().manual_seed(3))
     adv = torch.tensor([[0.5, -0.5], [1.0, -1.0]])
     grads = []
     for recompute in (False, True):
         model.gradient_checkpointing = recompute
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        opt.zero_grad = lambda set_to_none=True: None
-        model.zero_grad()
-        grpo.policy_step(model, model, opt, tok, ["a cat", "a dog"], codes, adv, first_id, K,
-                         0.1, 3, 0)
-        grads.append([p.grad.clone() for p in model.parameters()])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
-    assert any(a.abs().max() > 0 for a in grads[0])
+        grads.append(step_gradient(model, model, tok, ["a cat", "a dog"], codes, adv, first_id,
+                                   K, 0.1, 3, 0))
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+    assert any(g.abs().max() > 0 for g in grads[0].values())
