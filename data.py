@@ -1,9 +1,8 @@
 """The SimpleAR sequence format in one place: text tokenizer, prompt template, image-token ids,
-training sequences with caption dropout, code-shard preparation and the synthetic shapes data.
+training sequences with caption dropout and code-shard preparation.
 
-    python data.py shapes --out data/shapes --n 20000 --size 256   # PNGs, meta.jsonl, tokenizer/
     python data.py prepare --meta data/shapes/meta.jsonl --vq checkpoints/nano/vq \\
-        --resolution 256 --out data/shapes/codes
+        --resolution 256 --out data/shapes/codes     # the meta of `python shapes.py --out ...`
     torchrun --nproc_per_node 8 data.py prepare --meta M.jsonl --vq DIR --resolution 512 --out DIR
     python -m pytest -q tests/test_data.py
 
@@ -45,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
                         pre_tokenizers, trainers)
 from tqdm import tqdm
@@ -665,168 +664,7 @@ def prepare_codes(meta_path, out_dir, vq, resolution, shard_size=1024, batch_siz
     return report
 
 
-# ----------------------------------------------------------------------------- synthetic shapes
-BACKGROUND = (245, 245, 245)
-PALETTE = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 90, 220),
-           "yellow": (240, 200, 40), "purple": (150, 70, 200), "orange": (245, 130, 30)}
-SHAPES = ("circle", "square", "triangle")
-# GenEval's (djghosh13/geneval)
-CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-# relation -> (axis, sign of a - b)
-RELATIONS = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1),
-             "below": (1, 1)}
-INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of",
-           "above": "below", "below": "above"}
-NUMBERS = {2: "two", 3: "three", 4: "four"}
-TEMPLATES = ("{}", "a picture of {}", "an image of {}", "{} on a white background",
-             "a simple drawing of {}")
-# object side and the empty space around objects, as fractions of the image side
-MIN_SIZE = 0.2
-MAX_SIZE = 0.4
-GAP = 0.03
-# Object boxes on a lattice of 1/16 of the side (4 px at 64 px, half an 8x8-code cell): with edges
-# anywhere, one code of 1,000 must tell a corner's or an arc's colour and its offset among 8x8 in
-# its cell, which the nano tokenizer could not (28.5 dB, squares decoded with round corners); with
-# two offsets per cell it can. 0: anywhere.
-LATTICE = 16
-# Hard pixel edges are aliasing: at 64 px they were 94% of an 8x8-code tokenizer's reconstruction
-# error
-SUPERSAMPLE = 4
-
-
-def render_shapes(spec, size, supersample=SUPERSAMPLE) -> Image.Image:
-    """Draw spec (dicts: shape, color, center [x, y] and size as fractions of the image side; y
-    points down) at supersample x the size, then average each supersample x supersample block (a box
-    filter): edge pixels get the share of each colour that covers them, as any rendered or
-    photographed image does. supersample=1 draws hard edges, every pixel exactly the background or
-    a palette colour."""
-    if supersample > 1:
-        big = render_shapes(spec, size * supersample, 1)
-        return big.resize((size, size), Image.Resampling.BOX)
-    img = Image.new("RGB", (size, size), BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    for o in spec:
-        cx, cy = o["center"]
-        h = o["size"] / 2
-        x0, y0, x1, y1 = (round(v * size) for v in (cx - h, cy - h, cx + h, cy + h))
-        box = (x0, y0, x1 - 1, y1 - 1)
-        fill = PALETTE[o["color"]]
-        if o["shape"] == "circle":
-            draw.ellipse(box, fill=fill)
-        elif o["shape"] == "square":
-            draw.rectangle(box, fill=fill)
-        elif o["shape"] == "triangle":  # pointing up: apex at the top middle, base on the bottom
-            draw.polygon([(x0, y1 - 1), (x1 - 1, y1 - 1), ((x0 + x1 - 1) / 2, y0)], fill=fill)
-        else:
-            raise ValueError(f"unknown shape {o['shape']!r}; expected one of {SHAPES}")
-    return img
-
-
-def centroid(o) -> np.ndarray:
-    """Area centroid of an object: a triangle's lies size/6 below its box centre."""
-    return np.add(o["center"], [0, o["size"] / 6 if o["shape"] == "triangle" else 0])
-
-
-def relations(a, b) -> set:
-    """GenEval's rule (evaluation/evaluate_images.py of djghosh13/geneval): the centroid offset a-b,
-    shrunk by 0.1 x (sizes), must point within 60 degrees of a direction."""
-    d = centroid(a) - centroid(b)
-    shrunk = np.maximum(np.abs(d) - 0.1 * (a["size"] + b["size"]), 0) * np.sign(d)
-    r = shrunk / max(np.linalg.norm(d), 1e-9)
-    return {rel for rel, (axis, sign) in RELATIONS.items() if sign * r[axis] > 0.5}
-
-
-def _noun(shape, color, n=1):
-    if n == 1:
-        return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape}"
-    return f"{NUMBERS[n]} {color} {shape}s"
-
-
-def sample_scene(rng, category, lattice=LATTICE):
-    """(spec, canonical caption, captions) of one random scene; captions[0] is the canonical
-    (evaluation) form. Object sides and box edges are multiples of 1/lattice of the image side
-    (lattice 0: any value)."""
-    pick = lambda seq, k: [seq[i] for i in rng.choice(len(seq), k, replace=False)]  # noqa: E731
-    colors = list(PALETTE)
-    if category in ("single_object", "colors"):
-        objs = [(*pick(SHAPES, 1), *pick(colors, 1))]
-    elif category == "counting":
-        objs = [(*pick(SHAPES, 1), *pick(colors, 1))] * int(rng.integers(2, 5))
-    elif category == "two_object":  # two kinds of object, colours free
-        objs = list(zip(pick(SHAPES, 2), [pick(colors, 1)[0] for _ in range(2)]))
-    elif category in ("color_attr", "position"):  # two kinds, two colours: the binding is testable
-        objs = list(zip(pick(SHAPES, 2), pick(colors, 2)))
-    else:
-        raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
-    relation = list(RELATIONS)[rng.integers(4)] if category == "position" else None
-    # up to four objects of 0.4 rarely fit: keep rejection sampling quick
-    hi = MAX_SIZE if len(objs) <= 2 else 0.3
-    if lattice:  # the allowed sides: multiples of 1/lattice from MIN_SIZE up to the one nearest hi
-        top = min(np.floor(MAX_SIZE * lattice), round(hi * lattice))
-        sides = np.arange(np.ceil(MIN_SIZE * lattice), top + 1) / lattice
-    while True:  # rejection sampling: objects inside the image, GAP apart, the relation unambiguous
-        spec = []
-        for (s, c), z in zip(objs, rng.uniform(MIN_SIZE, hi, len(objs))):
-            if lattice:  # the nearest lattice side, then the box's top-left corner on the lattice
-                z = sides[np.abs(sides - z).argmin()]
-                first = np.ceil(GAP * lattice)
-                last = np.floor((1 - GAP - z) * lattice)
-                center = rng.integers(first, last + 1, 2) / lattice + z / 2
-            else:
-                center = rng.uniform(z / 2 + GAP, 1 - z / 2 - GAP, 2)
-            spec.append(dict(shape=s, color=c, center=center.tolist(), size=float(z)))
-        apart = all(np.abs(np.subtract(a["center"], b["center"])).max()
-                    >= (a["size"] + b["size"]) / 2 + GAP
-                    for i, a in enumerate(spec) for b in spec[i + 1:])
-        if apart and (relation is None or relations(spec[0], spec[1]) == {relation}):
-            break
-    a = _noun(*objs[0])
-    b = _noun(*objs[-1])
-    if category == "counting":
-        variants = [_noun(*objs[0], n=len(objs)), f"{len(objs)} {objs[0][1]} {objs[0][0]}s"]
-    elif relation:
-        variants = [f"{a} {relation} {b}", f"{b} {INVERSE[relation]} {a}"]
-    elif len(objs) == 2:
-        variants = [f"{a} and {b}", f"{b} and {a}"]
-    else:
-        variants = [a]
-    captions = list(dict.fromkeys(t.format(v) for t in TEMPLATES for v in variants))
-    return spec, captions[0], captions
-
-
-class ShapesDataset:
-    """n scenes; item i is a pure function of (seed, i), and categories take turns: each is equally
-    frequent, or as often as it is repeated in categories. lattice: as sample_scene's."""
-
-    def __init__(self, n, size=256, seed=0, categories=CATEGORIES, lattice=LATTICE):
-        unknown = sorted(set(categories) - set(CATEGORIES))
-        if unknown or not categories:
-            raise ValueError(f"categories {' '.join(unknown) or '(none)'}: expected some of "
-                             f"{', '.join(CATEGORIES)}")
-        if lattice < 0 or 0 < lattice < 8:
-            raise ValueError(f"lattice {lattice}: 0 (anywhere) or at least 8 (a coarser one has no "
-                             "room for four objects)")
-        if n < 0 or size < 1:
-            raise ValueError(f"n {n} must be >= 0 and size {size} >= 1")
-        self.n = n
-        self.size = size
-        self.seed = seed
-        self.categories = list(categories)
-        self.lattice = lattice
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        category = self.categories[i % len(self.categories)]
-        rng = np.random.default_rng([self.seed, i])
-        spec, canonical, captions = sample_scene(rng, category, self.lattice)
-        return dict(image=render_shapes(spec, self.size), caption=canonical, captions=captions,
-                    category=category, spec=spec)
-
-
+# ------------------------------------------------------------------ a text tokenizer of our own
 def train_bpe_tokenizer(texts, vocab_size, path) -> Tokenizer:
     """A Qwen2-style byte-level BPE trained on texts, plus <|endoftext|> and SPECIAL_TOKENS as added
     special tokens (after the vocabulary, like Qwen2.5), saved as path/tokenizer.json. vocab_size
@@ -866,29 +704,6 @@ def _cli_prepare(args):
                   rank, world_size, device)
 
 
-def _cli_shapes(args):
-    _check_counts(args, "n", "size")
-    if args.vocab_size < 256:
-        raise ValueError(f"--vocab-size {args.vocab_size} must be >= 256 (the bytes alone)")
-    ds = ShapesDataset(args.n, args.size, args.seed, args.categories, args.lattice)
-    texts = [*STYLE_PREFIXES, NEGATIVE_PROMPT]
-    os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
-    lines = []
-    for i in tqdm(range(len(ds)), desc="shapes"):
-        item = ds[i]
-        name = f"images/{i:06d}.png"
-        write_atomic(os.path.join(args.out, name), item["image"].save)
-        record = dict(image=name, caption=item["captions"], canonical=item["caption"],
-                      category=item["category"], spec=item["spec"])
-        lines.append(json.dumps(record) + "\n")
-        texts += item["captions"]
-    meta = os.path.join(args.out, "meta.jsonl")
-    write_atomic(meta, lambda tmp: _write_text(tmp, "".join(lines)))
-    train_bpe_tokenizer(texts, args.vocab_size, os.path.join(args.out, "tokenizer"))
-    print(f"wrote {args.n} images, {meta} and "
-          f"{os.path.join(args.out, 'tokenizer', 'tokenizer.json')}")
-
-
 def get_parser() -> Parser:
     p = Parser(prog="data.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -899,30 +714,11 @@ def get_parser() -> Parser:
     q.add_argument("--out", required=True)
     q.add_argument("--shard-size", type=int, default=1024)
     q.add_argument("--batch-size", type=int, default=8)
-    s = sub.add_parser("shapes", help="render the synthetic shapes dataset and train its tokenizer")
-    s.add_argument("--out", required=True)
-    s.add_argument("--n", type=int, default=10000)
-    s.add_argument("--size", type=int, default=256)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--vocab-size", type=int, default=1024)
-    s.add_argument("--categories", nargs="+", default=list(CATEGORIES), metavar="CATEGORY",
-                   help="scene i is of category i mod their number; repeat one to weight it "
-                   f"(of {', '.join(CATEGORIES)})")
-    s.add_argument("--lattice", type=int, default=LATTICE,
-                   help="object sides and box edges are multiples of 1/LATTICE of the side; "
-                   "0: anywhere")
     return p
 
 
-def _run(args):
-    if args.cmd == "prepare":
-        _cli_prepare(args)
-    else:
-        _cli_shapes(args)
-
-
 def main(argv=None):
-    run_main("data.py", _run, get_parser().parse_args(argv))
+    run_main("data.py", _cli_prepare, get_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

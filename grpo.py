@@ -40,9 +40,10 @@ Which distribution logp is (--logprob), with guidance set by --cfg as in samplin
 
 Rewards (--reward name[=weight] ...): a reward is one function of (captions [P], images uint8
 [P, G, H, W, 3]) -> float [P, G], so a new one is a few lines in REWARDS.
-  * geneval-nano: the shapes world's judge, eval.py's GenEval-nano detector (1 when the image shows
-    what the caption asks, else 0): Flow-GRPO's rule-based GenEval reward at laptop scale. Captions
-    drawn from the shapes world never include the benchmark's own (eval.prompt_set()).
+  * geneval-nano: the shapes world's judge, shapes.py's GenEval-nano detector and rule (1 when the
+    image shows what the caption asks, else 0): Flow-GRPO's rule-based GenEval reward at laptop
+    scale. Captions drawn from the shapes world never include the benchmark's own
+    (shapes.prompt_set()).
   * clip: SimpleAR's: the cosine of the L2-normalised CLIP embeddings (open_clip ViT-H-14, LAION-2B)
     of the image, bilinearly resized to 224 (clip.preprocess "simplear"), and of "A photo of
     {caption}". SimpleAR strips its prompt with str.strip("<|t2i|>"), which removes characters, not
@@ -77,9 +78,9 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data
-import eval as geneval
 import jacobi
 import sample
+import shapes
 import train
 from cli import Parser, run_main, warn
 from model import Transformer, resolve_dtype
@@ -119,7 +120,7 @@ def get_parser():
                    help="captions per step (SimpleAR: 7, one per trainer GPU)")
     g.add_argument("--group", type=int, default=4,
                    help="images per caption, the group of the advantage (SimpleAR: 4)")
-    g.add_argument("--categories", nargs="+", default=list(data.CATEGORIES),
+    g.add_argument("--categories", nargs="+", default=list(shapes.CATEGORIES),
                    help="shapes-world caption kinds, drawn uniformly from the list: repeat one to "
                    "draw it more often")
     g.add_argument("--reward", nargs="+", default=["geneval-nano"], metavar="NAME[=W]",
@@ -182,14 +183,14 @@ def parse_args(argv=None):
 
 # --------------------------------------------------------------------------------------- captions
 def draw_captions(rng, n, categories, exclude=frozenset()) -> list:
-    """n (category, canonical caption) of data.sample_scene, categories drawn uniformly, no caption
-    in exclude."""
+    """n (category, canonical caption) of shapes.sample_scene, categories drawn uniformly, no
+    caption in exclude."""
     out = []
     for _ in range(1000 * n):
         if len(out) == n:
             return out
         category = categories[rng.integers(len(categories))]
-        _, caption, _ = data.sample_scene(rng, category, lattice=0)
+        _, caption, _ = shapes.sample_scene(rng, category, lattice=0)
         if caption not in exclude:
             out.append((category, caption))
     raise ValueError(f"categories {categories} have almost no captions outside the excluded set")
@@ -237,7 +238,7 @@ def file_captions(captions, seed, step, k) -> list:
 def geneval_reward(captions, images) -> np.ndarray:
     """float [P, G]: 1.0 where image g of caption p passes GenEval-nano's rules for that caption,
     else 0.0."""
-    return np.array([[float(geneval.score(geneval.parse_caption(c), geneval.detect(img))[0])
+    return np.array([[float(shapes.score(shapes.parse_caption(c), shapes.detect(img))[0])
                       for img in imgs]
                      for c, imgs in zip(captions, images, strict=True)])
 
@@ -474,8 +475,8 @@ def check_flags(args):
     if not 0 <= args.warmup_ratio < 1 or not 0 <= args.min_lr_ratio <= 1:
         raise ValueError("--warmup-ratio must be in [0, 1) and --min-lr-ratio in [0, 1]")
     for c in args.categories:
-        if c not in data.CATEGORIES:
-            raise ValueError(f"--categories: unknown {c!r}; expected some of {data.CATEGORIES}")
+        if c not in shapes.CATEGORIES:
+            raise ValueError(f"--categories: unknown {c!r}; expected some of {shapes.CATEGORIES}")
 
 
 # what a resumed run must share with the checkpoint's to continue it exactly
@@ -550,7 +551,7 @@ def grpo(args, rank, world, device):
         if captions_file and "geneval-nano" in weights:
             for c in captions_file:
                 try:
-                    geneval.parse_caption(c)
+                    shapes.parse_caption(c)
                 except ValueError:
                     raise ValueError(f"--prompts {args.prompts}: {c!r} is not a shapes-world "
                                      "caption, which --reward geneval-nano needs") from None
@@ -565,7 +566,7 @@ def grpo(args, rank, world, device):
         # the rollouts' request, checked before anything is written: the size, the positions
         P, G = args.prompts_per_step, args.group
         sample.check_request(["x"], size, G, P * G, 0, vq.spatial_compression)
-        exclude = frozenset(p["caption"] for p in geneval.prompt_set())
+        exclude = frozenset(p["caption"] for p in shapes.prompt_set())
         probe = captions_file or [c for _, c in draw_captions(np.random.default_rng([args.seed, 0]),
                                                               P, args.categories, exclude)]
         ids = data.encode_prompts(tok, [max(probe, key=len)])  # the longest prompt

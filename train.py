@@ -1,7 +1,7 @@
 """Pretraining and SFT of SimpleAR: next-token cross-entropy over caption text and image codes,
 DDP-ready.
 
-    # from scratch, a tiny model on prepared code shards (python data.py shapes / prepare), one CPU
+    # from scratch, a tiny model on code shards (python shapes.py, then data.py prepare), one CPU
     python train.py --config tiny --tokenizer data/shapes/tokenizer --data data/shapes/codes \
         --out runs/tiny --steps 2000
     # SimpleAR's recipe from Qwen2.5-0.5B-Instruct (vocabulary extended on the way in), 8 GPUs
@@ -352,7 +352,7 @@ def build_model(args, codebook_size):
         return model, tok
     if not args.tokenizer:
         raise ValueError("--config needs --tokenizer DIR (a tokenizer.json, e.g. from "
-                         "`python data.py shapes`)")
+                         "`python shapes.py`)")
     tok = data.load_text_tokenizer(args.tokenizer, add_special_tokens=True)
     shape = {k: getattr(args, k) for k in SHAPE_FLAGS if getattr(args, k)}
     # head_dim 0: dim // n_heads again

@@ -14,7 +14,7 @@ decoder, a one-frame video in and out. FSQ has no codebook to learn and passes g
 through its rounding, so the whole loss is the reconstruction: L1 + MSE on [-1, 1] pixels (MSE is
 what PSNR measures; L1 keeps pulling on the small errors at hard edges once MSE is flat). No GAN,
 no perceptual loss: the shapes are flat palette colours, where a pixel loss is the right one.
-Images are drawn on the fly by data.ShapesDataset (seed 0 for training, seed 1 held out), so no
+Images are drawn on the fly by shapes.ShapesDataset (seed 0 for training, seed 1 held out), so no
 PNGs are needed.
 
 --decoder-only freezes the encoder and quant_conv (so the codes of every image stay what they
@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from cli import Parser, run_main, write_atomic
 from cosmos_tokenizer import PRESETS, CosmosConfig, CosmosTokenizer, psnr, tensor_to_uint8
-from data import ShapesDataset
+from shapes import ShapesDataset
 
 PROG = "train_vq.py"
 

@@ -7,8 +7,8 @@
 #     SEED=2 WORK=/tmp/nano2 OUT=/tmp/nano2-ship bash recipes/nano.sh  # another draw of everything random: run-to-run spread
 #
 # Stages (each prints its wall time, the total at the end):
-#   1. data    64 px shapes scenes (PNG + meta.jsonl) and the byte-level BPE of their captions (data.py shapes);
-#              objects on data.LATTICE (4 px steps); the compositional categories twice as often as single
+#   1. data    64 px shapes scenes (PNG + meta.jsonl) and the byte-level BPE of their captions (shapes.py);
+#              objects on shapes.LATTICE (4 px steps); the compositional categories twice as often as single
 #              objects, which a small LM learns first
 #   2. vq      a Cosmos-architecture tokenizer, preset nano: 64 px -> 8x8 codes of 1,000 (train_vq.py)
 #   3. codes   every training image encoded to codes (data.py prepare)
@@ -59,7 +59,7 @@ stage() {  # stage NAME COMMAND...: run it, remember its wall time
 
 rm -rf "$WORK"
 mkdir -p "$WORK"
-stage data $PY data.py shapes --out "$WORK/data" --n "$N_IMAGES" --size "$IMAGE_SIZE" --vocab-size 512 \
+stage data $PY shapes.py --out "$WORK/data" --n "$N_IMAGES" --size "$IMAGE_SIZE" --vocab-size 512 \
   --categories $CATEGORIES --seed "$SEED"
 stage vq $PY train_vq.py --config nano --out "$WORK/vq" --size "$IMAGE_SIZE" --steps "$VQ_STEPS" --train-images "$VQ_IMAGES" --batch-size 8 --threads "$OMP_NUM_THREADS" --seed "$SEED" --no-progress
 stage codes $PY data.py prepare --meta "$WORK/data/meta.jsonl" --vq "$WORK/vq" --resolution "$IMAGE_SIZE" --out "$WORK/codes" --batch-size 64

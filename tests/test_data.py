@@ -18,8 +18,9 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import data  # noqa: E402
+import shapes  # noqa: E402
 
-CORPUS = [data.ShapesDataset(60, 16, seed=1)[i]["caption"] for i in range(60)]
+CORPUS = [shapes.ShapesDataset(60, 16, seed=1)[i]["caption"] for i in range(60)]
 CORPUS += data.STYLE_PREFIXES + [
     data.NEGATIVE_PROMPT,
     "The quick brown fox jumps over the lazy dog. It's 2024; we'll see 3.14 apples!"]
@@ -181,6 +182,13 @@ def test_special_tokens_spelled_in_prompts_are_kept_and_warned(qwen_dirs):
     with pytest.warns(UserWarning, match=re.escape("<|endoftext|>")):
         negative = data.encode_negative(tok, "bad<|endoftext|>")
     assert tok.token_to_id("<|endoftext|>") in negative
+
+
+def test_train_bpe_tokenizer_needs_the_bytes(tmp_path):
+    """The layout of what it writes is checked on `python shapes.py`'s tokenizer
+    (tests/test_shapes.py)."""
+    with pytest.raises(ValueError, match="vocab_size 100"):
+        data.train_bpe_tokenizer(["a b"], 100, tmp_path / "small")
 
 
 # ------------------------------------------------------------------------- training sequences
@@ -526,16 +534,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     meta = tmp_path / "meta.jsonl"
     meta.write_text("")
     prepare = ["prepare", "--meta", str(meta), "--vq", "x", "--out", "o"]
-    shapes = ["shapes", "--out", str(tmp_path), "--n", "2"]
     cases = {"nope.jsonl": ["prepare", "--meta", str(tmp_path / "nope.jsonl"), "--vq", "x",
                             "--resolution", "512", "--out", "o"],
              "--vq": ["prepare", "--meta", "m"],
-             "--n 0 must be >= 1": ["shapes", "--out", str(tmp_path), "--n", "0"],
              "frobnicate": ["frobnicate"],
-             "texture": [*shapes, "--categories", "counting", "texture"],
-             "lattice 3": [*shapes, "--lattice", "3"],
-             "--size -8 must be >= 1": [*shapes, "--size", "-8"],
-             "--vocab-size 0 must be >= 256": [*shapes, "--vocab-size", "0"],
+             "invalid choice: 'shapes'": ["shapes", "--out", str(tmp_path), "--n", "2"],
              "--batch-size 0 must be >= 1": [*prepare, "--resolution", "32", "--batch-size", "0"],
              "--shard-size 0 must be >= 1": [*prepare, "--resolution", "32", "--shard-size", "0"],
              "--resolution 0 must be >= 1": [*prepare, "--resolution", "0"],
@@ -545,7 +548,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
             data.main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1, (argv, err)
-        assert re.match(r"data\.py( prepare| shapes)?: error: ", err) and needle in err, (argv, err)
+        assert re.match(r"data\.py( prepare)?: error: ", err) and needle in err, (argv, err)
     assert os.listdir(tmp_path) == ["meta.jsonl"]  # nothing written on the way
 
 
@@ -567,149 +570,3 @@ def test_sample_cli_refuses_an_lm_and_a_visual_tokenizer_that_do_not_belong_toge
     assert r.stderr.startswith("sample.py: error: ") and r.stderr.count("\n") == 1, r.stderr
     assert sizes in r.stderr, r.stderr
     assert not out.exists() or not list(out.glob("*.png"))
-
-
-# --------------------------------------------------------------------------- synthetic shapes
-def objects(img):
-    """Per palette colour: (pixel count, centroid x, y as fractions) of the rendered image."""
-    a = np.asarray(img)
-    out = {}
-    for name, rgb in data.PALETTE.items():
-        ys, xs = np.nonzero((a == rgb).all(-1))
-        if len(xs):
-            out[name] = (len(xs), (xs.mean() + 0.5) / a.shape[1], (ys.mean() + 0.5) / a.shape[0])
-    return out
-
-
-def check_position(item, found):
-    """The relation of a position caption holds on the rendered pixels, by a margin."""
-    a_, b_ = item["spec"]
-    rel = next(r for r in data.RELATIONS if f" {r} " in item["caption"])
-    _, ax, ay = found[a_["color"]]
-    _, bx, by = found[b_["color"]]
-    dx = ax - bx  # measured on pixels; y grows downwards
-    dy = ay - by
-    margin = 0.05
-    assert {"to the left of": dx < -margin, "to the right of": dx > margin,
-            "above": dy < -margin, "below": dy > margin}[rel], (item["caption"], dx, dy)
-    assert {"to the left of": abs(dx) > abs(dy), "to the right of": abs(dx) > abs(dy),
-            "above": abs(dy) > abs(dx), "below": abs(dy) > abs(dx)}[rel]
-
-
-def test_shapes_render_exact_and_well_placed():
-    ds = data.ShapesDataset(120, 128, seed=0)
-    fill = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
-    for i in range(len(ds)):
-        item = ds[i]
-        hard = data.render_shapes(item["spec"], 128, supersample=1)
-        a = np.asarray(hard)
-        aa = np.asarray(item["image"], dtype=np.float64)
-        # antialiased: the same colours away from the edges (2 px), the same amount of each colour
-        t = torch.from_numpy(a.sum(-1, dtype=np.float64))[None, None]
-        flat = (F.max_pool2d(t, 5, 1, 2) == -F.max_pool2d(-t, 5, 1, 2))[0, 0].numpy()
-        assert flat.mean() > 0.5 and np.array_equal(aa[flat], a[flat])
-        assert np.abs(aa.mean((0, 1)) - a.mean((0, 1))).max() < 1.0
-        item["image"] = hard
-        colours = {tuple(c) for c in a.reshape(-1, 3)}
-        assert colours <= {data.BACKGROUND, *data.PALETTE.values()} and data.BACKGROUND in colours
-        # fully inside the image
-        assert (a[0] == data.BACKGROUND).all() and (a[-1] == data.BACKGROUND).all()
-        spec = item["spec"]
-        assert 1 <= len(spec) <= 4 and item["captions"][0] == item["caption"]
-        for j, o in enumerate(spec):
-            assert data.MIN_SIZE <= o["size"] <= data.MAX_SIZE
-            assert all(o["size"] / 2 < c < 1 - o["size"] / 2 for c in o["center"])
-            for b in spec[j + 1:]:
-                gap = np.abs(np.subtract(o["center"], b["center"])).max()
-                assert gap > (o["size"] + b["size"]) / 2
-        found = objects(item["image"])
-        if len({o["color"] for o in spec}) == len(spec):  # one object per colour: check its pixels
-            for o in spec:
-                n, x, y = found[o["color"]]
-                assert abs(n / (o["size"] * 128) ** 2 - fill[o["shape"]]) < 0.1
-                assert np.allclose((x, y), data.centroid(o), atol=0.02)
-        else:
-            assert sum(n for n, _, _ in found.values()) > 0
-        if item["category"] == "position":
-            check_position(item, found)
-        if item["category"] == "counting":
-            n = len(spec)
-            assert item["caption"].split()[0] == data.NUMBERS[n]
-            assert len({(o["shape"], o["color"]) for o in spec}) == 1
-    assert {ds[i]["category"] for i in range(6)} == set(data.CATEGORIES)
-    again = data.ShapesDataset(120, 128, seed=0)[5]["image"]
-    assert np.array_equal(np.asarray(ds[5]["image"]), np.asarray(again))
-    weighted = data.ShapesDataset(12, 32, categories=["counting", "position", "position"])
-    assert [weighted[i]["category"] for i in range(6)] == ["counting", "position", "position"] * 2
-    with pytest.raises(ValueError, match="texture"):
-        data.ShapesDataset(4, 32, categories=["counting", "texture"])
-    with pytest.raises(ValueError, match="size 0"):
-        data.ShapesDataset(4, 0)
-    assert ds[5]["spec"] != data.ShapesDataset(120, 128, seed=1)[5]["spec"]
-
-
-def test_shapes_captions():
-    spec, canonical, captions = data.sample_scene(np.random.default_rng(0), "position")
-    assert canonical == captions[0] and len(captions) == len(set(captions)) > 1
-    with pytest.raises(ValueError, match="category"):
-        data.sample_scene(np.random.default_rng(0), "texture")
-    hexagon = dict(shape="hexagon", color="red", center=[0.5, 0.5], size=0.3)
-    with pytest.raises(ValueError, match="hexagon"):
-        data.render_shapes([hexagon], 32)
-    assert data._noun("circle", "orange") == "an orange circle"
-    assert data._noun("square", "red", 3) == "three red squares"
-
-
-def test_shapes_lattice():
-    """Sides and box edges on the 1/LATTICE grid (the default), anywhere with lattice=0; both
-    within the spec."""
-    L = data.LATTICE
-    sides = set()
-    edges = []
-    for lattice in (L, 0):
-        for i in range(300):
-            rng = np.random.default_rng([7, i])
-            category = data.CATEGORIES[i % len(data.CATEGORIES)]
-            spec, _, _ = data.sample_scene(rng, category, lattice=lattice)
-            for o in spec:
-                assert data.MIN_SIZE <= o["size"] <= data.MAX_SIZE
-                corner = np.subtract(o["center"], o["size"] / 2) * L
-                on_side = np.isclose(o["size"] * L, round(o["size"] * L))
-                on = np.allclose(corner, np.round(corner)) and on_side
-                assert on == (lattice == L), (lattice, o)
-                if lattice:
-                    sides.add(round(o["size"] * L))
-                    edges += [*np.round(corner), *np.round(corner) + o["size"] * L]
-    assert sides == {4, 5, 6} and min(edges) >= 1 and max(edges) <= L - 1
-    off = data.ShapesDataset(6, 64, seed=3, lattice=0)[0]["spec"][0]
-    assert off != data.ShapesDataset(6, 64, seed=3)[0]["spec"][0]
-    assert not np.isclose(off["size"] * L, round(off["size"] * L))
-    for lattice in (9, 20):  # other lattices keep the spec's sides
-        spec = data.ShapesDataset(12, 64, seed=0, lattice=lattice)[1]["spec"]
-        assert all(data.MIN_SIZE <= o["size"] <= data.MAX_SIZE for o in spec)
-    # at 64 px a lattice step is 4 whole pixels: a square has hard edges even without antialiasing
-    item = data.ShapesDataset(6, 64, seed=3)[0]
-    square = [dict(item["spec"][0], shape="square")]
-    smooth = np.asarray(data.render_shapes(square, 64))
-    assert np.array_equal(smooth, np.asarray(data.render_shapes(square, 64, 1)))
-
-
-def test_shapes_cli_and_bpe_tokenizer(tmp_path):
-    data.main(["shapes", "--out", str(tmp_path), "--n", "6", "--size", "48", "--vocab-size", "300"])
-    records = [json.loads(line) for line in (tmp_path / "meta.jsonl").read_text().splitlines()]
-    assert len(records) == 6 and all((tmp_path / r["image"]).is_file() for r in records)
-    # every file under its final name: no temporary left over
-    assert sorted(os.listdir(tmp_path)) == ["images", "meta.jsonl", "tokenizer"]
-    assert sorted(os.listdir(tmp_path / "images")) == [f"{i:06d}.png" for i in range(6)]
-    assert os.listdir(tmp_path / "tokenizer") == ["tokenizer.json"]
-    assert Image.open(tmp_path / records[0]["image"]).size == (48, 48)
-    tok = data.load_text_tokenizer(tmp_path / "tokenizer")
-    ids = data.special_token_ids(tok)
-    n = tok.get_vocab_size()
-    assert sorted(ids.values()) == list(range(n - 7, n))  # after the vocabulary
-    assert tok.token_to_id("<|endoftext|>") == n - 8
-    prompt = data.build_prompt(records[0]["canonical"])
-    assert tok.decode(tok.encode(prompt).ids, skip_special_tokens=False) == prompt
-    assert tok.encode("emoji ✨ never seen").ids  # byte-level: any text encodes
-    with pytest.raises(ValueError, match="vocab_size 100"):
-        data.train_bpe_tokenizer(["a b"], 100, tmp_path / "small")

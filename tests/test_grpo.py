@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import data
-import eval as geneval
 import grpo
 import sample
+import shapes
 from fixtures import write_tiny_lm, write_tiny_vq
 from model import Transformer
 
@@ -24,9 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_reward_is_one_on_the_scene_a_caption_describes_and_zero_on_a_blank_or_wrong_one():
     rng = np.random.default_rng(0)
-    scenes = [data.sample_scene(rng, c) for c in data.CATEGORIES]
+    scenes = [shapes.sample_scene(rng, c) for c in shapes.CATEGORIES]
     captions = [caption for _, caption, _ in scenes]
-    images = [[np.asarray(data.render_shapes(spec, 64)), np.full((64, 64, 3), 245, np.uint8)]
+    images = [[np.asarray(shapes.render_shapes(spec, 64)), np.full((64, 64, 3), 245, np.uint8)]
               for spec, _, _ in scenes]
     assert grpo.geneval_reward(captions, images).tolist() == [[1.0, 0.0]] * len(captions)
     # the first scene's picture under the second caption: a different request
@@ -34,13 +34,13 @@ def test_reward_is_one_on_the_scene_a_caption_describes_and_zero_on_a_blank_or_w
 
 
 def test_draw_captions_covers_the_categories_and_never_draws_the_benchmark():
-    exclude = frozenset(p["caption"] for p in geneval.prompt_set())
-    drawn = grpo.draw_captions(np.random.default_rng(1), 300, list(data.CATEGORIES), exclude)
-    assert {c for c, _ in drawn} == set(data.CATEGORIES)
+    exclude = frozenset(p["caption"] for p in shapes.prompt_set())
+    drawn = grpo.draw_captions(np.random.default_rng(1), 300, list(shapes.CATEGORIES), exclude)
+    assert {c for c, _ in drawn} == set(shapes.CATEGORIES)
     assert not {caption for _, caption in drawn} & exclude
     for _, caption in drawn:
-        geneval.parse_caption(caption)  # canonical: the reward can read it
-    assert drawn[:20] == grpo.draw_captions(np.random.default_rng(1), 20, list(data.CATEGORIES),
+        shapes.parse_caption(caption)  # canonical: the reward can read it
+    assert drawn[:20] == grpo.draw_captions(np.random.default_rng(1), 20, list(shapes.CATEGORIES),
                                             exclude)
 
 

@@ -19,6 +19,7 @@ import torch
 import data
 import eval as geneval
 import sample
+import shapes
 import train
 import train_vq
 from cosmos_tokenizer import CosmosTokenizer
@@ -102,11 +103,11 @@ def test_train_vq_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_train_lm_on_shapes_codes(tiny_vq, tmp_path):
-    """data.py shapes -> prepare with the trained tokenizer -> train.py from scratch, a few
+    """shapes.py -> data.py prepare with the trained tokenizer -> train.py from scratch, a few
     steps."""
     vq_dir, _ = tiny_vq
-    data.main(["shapes", "--out", str(tmp_path / "data"), "--n", "12", "--size", "32",
-               "--vocab-size", "300"])
+    shapes.main(["--out", str(tmp_path / "data"), "--n", "12", "--size", "32",
+                 "--vocab-size", "300"])
     data.main(["prepare", "--meta", str(tmp_path / "data/meta.jsonl"), "--vq", vq_dir,
                "--resolution", "32", "--out", str(tmp_path / "codes")])
     out = tmp_path / "lm"
@@ -150,8 +151,8 @@ def test_shipped_model_geneval_floor(nano, tmp_path):
     (an untrained model scores 0). The shipped model scored 0.75 here and 0.821 on the full set
     (eval.py --n 4 --size 64)."""
     result = geneval.run_geneval(NANO, os.path.join(NANO, "vq"), str(tmp_path), n=2, size=64,
-                                 prompts=geneval.prompt_set(1), progress=False)
-    assert set(result["categories"]) == set(data.CATEGORIES)
+                                 prompts=shapes.prompt_set(1), progress=False)
+    assert set(result["categories"]) == set(shapes.CATEGORIES)
     assert result["overall"] >= 0.25, result["categories"]
 
 
