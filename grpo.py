@@ -43,7 +43,7 @@ Rewards (--reward name[=weight] ...): a reward is one function of (captions [P],
   * geneval-nano: the shapes world's judge, shapes.py's GenEval-nano detector and rule (1 when the
     image shows what the caption asks, else 0): Flow-GRPO's rule-based GenEval reward at laptop
     scale. Captions drawn from the shapes world never include the benchmark's own
-    (shapes.prompt_set()).
+    (shapes.prompt_set()) nor the validation set's.
   * clip: SimpleAR's: the cosine of the L2-normalised CLIP embeddings (open_clip ViT-H-14, LAION-2B)
     of the image, bilinearly resized to 224 (clip.preprocess "simplear"), and of "A photo of
     {caption}". SimpleAR strips its prompt with str.strip("<|t2i|>"), which removes characters, not
@@ -566,7 +566,7 @@ def grpo(args, rank, world, device):
         # the rollouts' request, checked before anything is written: the size, the positions
         P, G = args.prompts_per_step, args.group
         sample.check_request(["x"], size, G, P * G, 0, vq.spatial_compression)
-        exclude = frozenset(p["caption"] for p in shapes.prompt_set())
+        exclude = shapes.held_out()
         probe = captions_file or [c for _, c in draw_captions(np.random.default_rng([args.seed, 0]),
                                                               P, args.categories, exclude)]
         ids = data.encode_prompts(tok, [max(probe, key=len)])  # the longest prompt
@@ -587,7 +587,8 @@ def grpo(args, rank, world, device):
     roller = copy.deepcopy(model).to(dtype).eval() if dtype != torch.float32 else model
     vq = vq.to(dtype)
     model.gradient_checkpointing = args.grad_checkpointing
-    amp = torch.bfloat16 if device.type == "cuda" else None  # the update's autocast on GPUs
+    # the update's autocast: bf16 where the rollouts are bf16 (a GPU, a CPU computing it natively)
+    amp = torch.bfloat16 if dtype == torch.bfloat16 else None
     autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
     guided = (negative, settings) if args.logprob == "guided" else None
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * args.steps)
