@@ -105,19 +105,21 @@ def reconstructions(vq_dir, n, size=None, seed=1, batch_size=64, device="cpu"):
 
 def run_geneval(ckpt, vq, out_dir, n=4, size=None, seed=0, prompts=None, batch_size=64,
                 device="cpu", progress=True, dtype="auto", quantize=None, compile=False,
-                jacobi=None, **sampling) -> dict:
-    """Generate n images per prompt (default: shapes.prompt_set()) with sample.py, score them, write
-    results.json and grid.png to out_dir. size None: the visual tokenizer's own resolution.
+                jacobi=None, split="benchmark", **sampling) -> dict:
+    """Generate n images per prompt (default: shapes.prompt_set(), split names it in the results)
+    with sample.py, score them, write results.json and grid.png to out_dir. size None: the visual tokenizer's own resolution.
     sampling: Sampling's fields; unset (None) ones take the checkpoint's generation_config.json,
     then Sampling's defaults. jacobi: a jacobi.Jacobi to decode with (same distribution, fewer
     forwards)."""
-    prompts = shapes.prompt_set() if prompts is None else prompts
+    prompts = shapes.prompt_set(split=split) if prompts is None else prompts
     ckpt_dir = sample.resolve_dir(ckpt, "checkpoint", sample.CKPT_FILES)
     settings = sample.Sampling.from_checkpoint(ckpt_dir, **sampling)  # before the weights load
     model, tokenizer, vq_model, ckpt_dir = sample.load(ckpt_dir, vq, device, dtype, quantize)
     size = size or vq_model.config.resolution
     t0 = time.perf_counter()
-    samples = sample.text_to_image(model, tokenizer, vq_model, [p["caption"] for p in prompts],
+    # a prompt's wording (shapes.prompt_set "wide") may differ from the caption it is scored on
+    asked = [p.get("prompt", p["caption"]) for p in prompts]
+    samples = sample.text_to_image(model, tokenizer, vq_model, asked,
                                    size, n, seed, settings, batch_size=batch_size,
                                    compile=compile, progress=progress, jacobi=jacobi)
     result = shapes.evaluate(prompts, samples.images)
@@ -127,7 +129,7 @@ def run_geneval(ckpt, vq, out_dir, n=4, size=None, seed=0, prompts=None, batch_s
                               quantize=quantize,
                               jacobi=dataclasses.asdict(jacobi) if jacobi else None,
                               forwards_per_image=round(float(np.mean(samples.forwards)), 2),
-                              prompt_seed=shapes.PROMPT_SEED,
+                              prompt_set=split,
                               seconds=round(time.perf_counter() - t0, 1))
     save_results(result, samples.images, out_dir)
     return result
@@ -612,7 +614,12 @@ def main_nano(argv=None):
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the "
                    "tokenizer's resolution; 256 for --ground-truth)")
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")
-    p.add_argument("--prompts-per-category", type=int, default=10)
+    p.add_argument("--prompt-set", choices=list(shapes.SPLITS), default="benchmark",
+                   help="benchmark: GenEval-nano's prompts; validation: others to choose settings "
+                   "on; wide: the grammar at large, in every training wording (see "
+                   "shapes.prompt_set)")
+    p.add_argument("--prompts-per-category", type=int, default=0,
+                   help="0: 10 for the benchmark, 20 for the other sets")
     p.add_argument("--categories", nargs="+", default=list(shapes.CATEGORIES),
                    choices=shapes.CATEGORIES)
     sample.add_sampling_args(p)
@@ -636,13 +643,18 @@ def run(args) -> dict:
     if args.reconstruct < 0 or (args.reconstruct and args.ground_truth):
         raise ValueError(f"--reconstruct {args.reconstruct}: a positive number of scenes, "
                          "without --ground-truth")
-    if min(args.prompts_per_category, args.n, args.batch_size,
-           1 if args.size is None else args.size) < 1:
-        raise ValueError(f"--prompts-per-category ({args.prompts_per_category}), --n ({args.n}), "
-                         f"--batch-size ({args.batch_size}) and --size ({args.size}) must be >= 1")
+    if args.prompts_per_category < 0 or min(args.n, args.batch_size,
+                                            1 if args.size is None else args.size) < 1:
+        raise ValueError(f"--prompts-per-category ({args.prompts_per_category}) must be >= 0, "
+                         f"--n ({args.n}), --batch-size ({args.batch_size}) and --size "
+                         f"({args.size}) >= 1")
     if not 0 <= args.seed <= 2 ** 63 - args.n:
         raise ValueError(f"seed must be in [0, 2^63 - n], got {args.seed}")
-    prompts = shapes.prompt_set(args.prompts_per_category, args.categories)
+    per_category = args.prompts_per_category or (10 if args.prompt_set == "benchmark" else 20)
+    prompts = shapes.prompt_set(per_category, args.categories, args.prompt_set)
+    if not prompts:  # the single-object categories have no captions left for "wide"
+        raise ValueError(f"--prompt-set {args.prompt_set} has no prompts in --categories "
+                         f"{' '.join(args.categories)}")
     if args.reconstruct:
         prompts, images = reconstructions(args.vq, args.reconstruct, args.size,
                                           batch_size=args.batch_size, device=args.device)
@@ -662,7 +674,8 @@ def run(args) -> dict:
         sample.prepare_out(args.out)
         result = run_geneval(args.ckpt, args.vq, args.out, args.n, args.size, args.seed, prompts,
                              args.batch_size, args.device, dtype=dtype, quantize=args.quantize,
-                             compile=args.compile, jacobi=speculative, **flags)
+                             compile=args.compile, jacobi=speculative, split=args.prompt_set,
+                             **flags)
     return result
 
 

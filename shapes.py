@@ -388,8 +388,11 @@ def evaluate(prompts, images) -> dict:
 
 
 # ----------------------------------------------------------------------------------- prompt set
-# arXiv 2504.11455: the prompt set is a pure function of it and sample_scene
+# arXiv 2504.11455: the benchmark is a pure function of it and sample_scene
 PROMPT_SEED = 2504
+# The other prompt sets: a validation set to choose settings on (never the benchmark), and "wide",
+# the grammar at large in every wording the training captions use
+SPLITS = {"benchmark": PROMPT_SEED, "validation": PROMPT_SEED + 1, "wide": PROMPT_SEED + 2}
 # What each category's prompts take turns over, so that e.g. counting asks for two, three and four
 # equally often
 BALANCE = dict(single_object=(lambda r: r["objects"][0][0], SHAPES),
@@ -398,30 +401,59 @@ BALANCE = dict(single_object=(lambda r: r["objects"][0][0], SHAPES),
                position=(lambda r: r["relation"], list(RELATIONS)))
 
 
-def prompt_set(per_category=10, categories=CATEGORIES) -> list:
-    """The fixed benchmark: per category, per_category distinct canonical captions drawn by
-    sample_scene under PROMPT_SEED, taking turns over BALANCE's values; dicts of category, caption
-    and spec (the scene that shows it)."""
+def prompt_set(per_category=10, categories=CATEGORIES, split="benchmark") -> list:
+    """A prompt set: per category, per_category distinct canonical captions drawn by sample_scene
+    under the split's seed; dicts of category, caption (canonical: what is scored), prompt (what
+    the model is asked) and spec (a scene that shows it).
+
+    split "benchmark" (GenEval-nano, the default) takes turns over BALANCE's values and prompts
+    with the canonical caption; a category without per_category distinct captions is an error.
+    "validation" (settings are chosen on it) and "wide" draw scenes as the dataset does, never a
+    caption of the benchmark nor, for "wide", of the validation set at 20 per category, so
+    single objects (18 captions, 15 of them the benchmark's) give validation 3 and wide none; a
+    category may hold fewer than per_category, and one with none is left out. "wide" asks for
+    each caption in one of its training wordings picked at random (templates, inverted relations,
+    swapped objects, digits) and scores the canonical one: how the model does beyond the
+    benchmark's captions and wordings.
+    Raises ValueError for an unknown split or category."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown prompt set {split!r}; expected one of {', '.join(SPLITS)}")
+    benchmark = split == "benchmark"
+    taken = set()
+    if not benchmark:  # the other sets never ask what the benchmark asks
+        taken |= {p["caption"] for p in prompt_set(10, CATEGORIES, "benchmark")}
+    if split == "wide":
+        taken |= {p["caption"] for p in prompt_set(20, CATEGORIES, "validation")}
     prompts = []
     for c in categories:
         if c not in CATEGORIES:
             raise ValueError(f"unknown category {c!r}; expected some of {CATEGORIES}")
-        rng, found = np.random.default_rng([PROMPT_SEED, CATEGORIES.index(c)]), {}
-        key, values = BALANCE.get(c, (lambda r: None, [None]))
+        rng, found = np.random.default_rng([SPLITS[split], CATEGORIES.index(c)]), {}
+        key, values = BALANCE.get(c, (None, [None])) if benchmark else (None, [None])
         # single_object has 18 distinct captions: never loop forever
         for _ in range(100 * per_category):
             if len(found) == per_category:
                 break
             # off the lattice: the draws of the first prompt set
-            spec, caption, _ = sample_scene(rng, c, lattice=0)
-            if (caption not in found
-                    and key(parse_caption(caption)) == values[len(found) % len(values)]):
-                found[caption] = spec
-        if len(found) < per_category:
+            spec, caption, wordings = sample_scene(rng, c, lattice=0)
+            if caption in found or caption in taken:
+                continue
+            if key is None or key(parse_caption(caption)) == values[len(found) % len(values)]:
+                wording = wordings[rng.integers(len(wordings))] if split == "wide" else caption
+                found[caption] = spec, wording
+        if benchmark and len(found) < per_category:
             raise ValueError(f"category {c}: found only {len(found)} distinct captions, "
                              f"not {per_category}")
-        prompts += [dict(category=c, caption=caption, spec=spec) for caption, spec in found.items()]
+        prompts += [dict(category=c, caption=caption, prompt=wording, spec=spec)
+                    for caption, (spec, wording) in found.items()]
     return prompts
+
+
+def held_out() -> frozenset:
+    """The canonical captions RL must never draw: the benchmark's and the validation set's (at 20
+    per category), so that neither measures prompts the model was rewarded on."""
+    return frozenset(p["caption"] for split, k in (("benchmark", 10), ("validation", 20))
+                     for p in prompt_set(k, split=split))
 
 
 def ground_truth(prompts, size=256) -> list:

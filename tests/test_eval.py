@@ -75,7 +75,9 @@ def test_reconstruct_scores_held_out_scenes_through_the_tokenizer(tmp_path, caps
             and result["overall"] < 0.5)
 
 
-@pytest.mark.parametrize("argv", [["--prompts-per-category", "0"], ["--categories", "faces"],
+@pytest.mark.parametrize("argv", [["--prompts-per-category", "-1"], ["--categories", "faces"],
+                                  ["--prompt-set", "test"],
+                                  ["--prompt-set", "wide", "--categories", "single_object"],
                                   ["--size", "0"],
                                   ["--ckpt", "/nonexistent/lm", "--vq", "/nonexistent/vq"],
                                   ["--reconstruct", "-1"], ["--reconstruct", "3", "--ground-truth"],
@@ -104,6 +106,26 @@ def test_run_geneval_plumbing_with_a_random_tiny_model(tmp_path):
             and settings["repetition_penalty"] == 1.1  # the ckpt's
             and settings["n"] == 2)
     assert (tmp_path / "out" / "grid.png").is_file()
+
+
+def test_wide_prompts_are_asked_in_their_wording_and_scored_on_their_caption(tmp_path,
+                                                                             monkeypatch):
+    prompts = [p for p in shapes.prompt_set(8, ["position"], "wide") if p["prompt"] != p["caption"]]
+    asked = []
+
+    def scenes(model, tokenizer, vq, captions, size, n, seed, settings, **kwargs):
+        asked.extend(captions)  # each prompt's own scene: what a perfect model would draw
+        by_wording = {p["prompt"]: p for p in prompts}
+        images = [[np.asarray(shapes.render_shapes(by_wording[c]["spec"], size))] * n
+                  for c in captions]
+        return types.SimpleNamespace(images=images, forwards=[1] * len(captions))
+
+    monkeypatch.setattr(geneval.sample, "text_to_image", scenes)
+    lm, vq = write_tiny_lm(tmp_path / "lm"), write_tiny_vq(tmp_path / "vq", jit=False)
+    result = geneval.run_geneval(lm, vq, str(tmp_path / "out"), n=1, size=64, prompts=prompts,
+                                 progress=False, split="wide")
+    assert prompts and asked == [p["prompt"] for p in prompts]
+    assert result["overall"] == 1.0 and result["settings"]["prompt_set"] == "wide"
 
 
 @pytest.mark.skipif(not os.path.isdir(NANO),

@@ -309,6 +309,41 @@ def test_prompt_set_is_fixed_and_covers_every_category():
         shapes.prompt_set(19, ["single_object"])  # 3 shapes x 6 colours
 
 
+def test_validation_and_wide_sets_never_ask_what_the_benchmark_asks():
+    benchmark = {p["caption"] for p in shapes.prompt_set()}
+    validation = shapes.prompt_set(20, split="validation")
+    wide = shapes.prompt_set(20, split="wide")
+    captions = [p["caption"] for p in validation], [p["caption"] for p in wide]
+    for prompts in (validation, wide):
+        for c in shapes.CATEGORIES:
+            kind = [p["caption"] for p in prompts if p["category"] == c]
+            assert len(kind) == len(set(kind))
+    assert not benchmark & set(captions[0]) and not (benchmark | set(captions[0])) & set(captions[1])
+    for c in ("two_object", "counting", "position", "color_attr"):
+        assert sum(p["category"] == c for p in validation) == 20
+    # 18 single-object captions, 15 of them the benchmark's: validation takes the rest, wide none
+    assert sum(p["category"] == "single_object" for p in validation) == 3
+    assert not any(p["category"] in ("single_object", "colors") for p in wide)
+    assert all(p["prompt"] == p["caption"] for p in validation)
+    # wide asks in the training wordings: a caption the dataset pairs with the same scene kind
+    assert sum(p["prompt"] != p["caption"] for p in wide) > len(wide) // 2
+    for p in wide:  # the wording asks for the same objects and relation as the caption
+        core = next(p["prompt"][len(a):len(p["prompt"]) - len(b)]
+                    for a, b in (t.split("{}") for t in shapes.TEMPLATES[::-1])
+                    if p["prompt"].startswith(a) and p["prompt"].endswith(b))
+        for n, word in shapes.NUMBERS.items():
+            core = core.replace(f"{n} ", f"{word} ")
+        asked, scored = shapes.parse_caption(core), shapes.parse_caption(p["caption"])
+        assert sorted(asked["objects"]) == sorted(scored["objects"])
+        if scored["relation"]:
+            same = asked["objects"] == scored["objects"]
+            inverse = shapes.INVERSE[scored["relation"]]
+            assert asked["relation"] == (scored["relation"] if same else inverse)
+    assert shapes.evaluate(wide, shapes.ground_truth(wide, SIZE))["overall"] == 1.0
+    with pytest.raises(ValueError, match="prompt set"):
+        shapes.prompt_set(split="test")
+
+
 # ------------------------------------------------------------------------------ negative controls
 def test_blank_image_fails_every_prompt():
     prompts = shapes.prompt_set(3)
