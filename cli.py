@@ -35,13 +35,15 @@ class Parser(argparse.ArgumentParser):
 
 
 def run_main(prog: str, fn, *args):
-    """fn(*args), with bad input (ValueError, FileNotFoundError) turned into one line and exit 2,
-    and the library's Python warnings shown as one `{prog}: warning:` line each."""
+    """fn(*args), with bad input (ValueError; a path that is missing, not a directory, a directory
+    or not permitted) turned into one line and exit 2, and the library's Python warnings shown as
+    one `{prog}: warning:` line each."""
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *_, **__: warn(prog, message)
         try:
             return fn(*args)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                PermissionError) as e:
             fail(prog, e)
 
 

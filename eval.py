@@ -16,6 +16,7 @@ evaluators read), CLIP score over such a run, and GenEval-nano, scored here on t
                                             # 600 held-out scenes through the tokenizer: its ceiling
     python eval.py --prompts-per-category 2 --categories counting position --n 1 \\
         --out out/quick                     # default model
+    python eval.py --prompt-set validation --out out/val    # the prompts settings are chosen on
     python -m pytest -q tests/test_eval.py
 
 The first word picks the command: geneval, dpg, clipscore or nano; anything else (a flag, or
@@ -105,13 +106,16 @@ def reconstructions(vq_dir, n, size=None, seed=1, batch_size=64, device="cpu"):
 
 def run_geneval(ckpt, vq, out_dir, n=4, size=None, seed=0, prompts=None, batch_size=64,
                 device="cpu", progress=True, dtype="auto", quantize=None, compile=False,
-                jacobi=None, split="benchmark", **sampling) -> dict:
-    """Generate n images per prompt (default: shapes.prompt_set(), split names it in the results)
-    with sample.py, score them, write results.json and grid.png to out_dir. size None: the visual tokenizer's own resolution.
+                jacobi=None, split=None, **sampling) -> dict:
+    """Generate n images per prompt with sample.py, score them, write results.json and grid.png
+    to out_dir. prompts None: shapes.prompt_set(split=split or "benchmark"); split names the set
+    in the results (None: the prompts given). size None: the visual tokenizer's own resolution.
     sampling: Sampling's fields; unset (None) ones take the checkpoint's generation_config.json,
     then Sampling's defaults. jacobi: a jacobi.Jacobi to decode with (same distribution, fewer
     forwards)."""
-    prompts = shapes.prompt_set(split=split) if prompts is None else prompts
+    if prompts is None:
+        split = split or "benchmark"
+        prompts = shapes.prompt_set(split=split)
     ckpt_dir = sample.resolve_dir(ckpt, "checkpoint", sample.CKPT_FILES)
     settings = sample.Sampling.from_checkpoint(ckpt_dir, **sampling)  # before the weights load
     model, tokenizer, vq_model, ckpt_dir = sample.load(ckpt_dir, vq, device, dtype, quantize)
@@ -619,7 +623,8 @@ def main_nano(argv=None):
                    "on; wide: the grammar at large, in every training wording (see "
                    "shapes.prompt_set)")
     p.add_argument("--prompts-per-category", type=int, default=0,
-                   help="0: 10 for the benchmark, 20 for the other sets")
+                   help="0: the set's own size (shapes.SIZES: 10 for the benchmark, 20 for the "
+                   "others)")
     p.add_argument("--categories", nargs="+", default=list(shapes.CATEGORIES),
                    choices=shapes.CATEGORIES)
     sample.add_sampling_args(p)
@@ -650,22 +655,24 @@ def run(args) -> dict:
                          f"({args.size}) >= 1")
     if not 0 <= args.seed <= 2 ** 63 - args.n:
         raise ValueError(f"seed must be in [0, 2^63 - n], got {args.seed}")
-    per_category = args.prompts_per_category or (10 if args.prompt_set == "benchmark" else 20)
-    prompts = shapes.prompt_set(per_category, args.categories, args.prompt_set)
-    if not prompts:  # the single-object categories have no captions left for "wide"
-        raise ValueError(f"--prompt-set {args.prompt_set} has no prompts in --categories "
-                         f"{' '.join(args.categories)}")
-    if args.reconstruct:
+    if args.reconstruct:  # held-out dataset scenes: no prompt set
         prompts, images = reconstructions(args.vq, args.reconstruct, args.size,
                                           batch_size=args.batch_size, device=args.device)
         result = dict(shapes.evaluate(prompts, images),
                       settings=dict(reconstruct=args.reconstruct, vq=args.vq,
                                     size=images[0][0].shape[0]))
         save_results(result, images, args.out)
-    elif args.ground_truth:
+        return result
+    prompts = shapes.prompt_set(args.prompts_per_category or None, args.categories,
+                                args.prompt_set)
+    if not prompts:  # the single-object categories have no captions left for "wide"
+        raise ValueError(f"--prompt-set {args.prompt_set} has no prompts in --categories "
+                         f"{' '.join(args.categories)}")
+    if args.ground_truth:
         images = shapes.ground_truth(prompts, args.size or 256)
         result = dict(shapes.evaluate(prompts, images),
-                      settings=dict(ground_truth=True, size=args.size or 256))
+                      settings=dict(ground_truth=True, size=args.size or 256,
+                                    prompt_set=args.prompt_set))
         save_results(result, images, args.out)
     else:
         flags = sample.sampling_flags(args)

@@ -120,9 +120,10 @@ def get_parser():
                    help="captions per step (SimpleAR: 7, one per trainer GPU)")
     g.add_argument("--group", type=int, default=4,
                    help="images per caption, the group of the advantage (SimpleAR: 4)")
-    g.add_argument("--categories", nargs="+", default=list(shapes.CATEGORIES),
+    g.add_argument("--categories", nargs="+", default=list(shapes.DRAWABLE),
                    help="shapes-world caption kinds, drawn uniformly from the list: repeat one to "
-                   "draw it more often")
+                   "draw it more often (the single-object kinds have no caption outside the "
+                   "benchmark and validation sets, which RL never draws)")
     g.add_argument("--reward", nargs="+", default=["geneval-nano"], metavar="NAME[=W]",
                    help=f"rewards, summed with weights W (default 1): {', '.join(REWARDS)}")
     g.add_argument("--clip-ckpt", help="CLIP for --reward clip (Hugging Face or open_clip)")
@@ -154,10 +155,11 @@ def get_parser():
                    help="image side; default: the visual tokenizer's resolution")
     sample.add_sampling_args(p)  # the rollouts' sampling settings
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: cuda when available (the update then runs under bf16 autocast)")
+                   help="auto: cuda when available")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="the rollouts' dtype (auto: bfloat16 where the hardware computes it "
-                   "natively); the policy and its update stay float32")
+                   "natively); the policy and AdamW stay float32, the update runs under bf16 "
+                   "autocast when the rollouts are bf16")
     jacobi.add_args(p)  # rollouts: the same distribution, fewer forwards
     p.add_argument("--seed", type=int, default=0,
                    help="captions and image seeds of step s derive from (seed, s)")
@@ -475,8 +477,16 @@ def check_flags(args):
     if not 0 <= args.warmup_ratio < 1 or not 0 <= args.min_lr_ratio <= 1:
         raise ValueError("--warmup-ratio must be in [0, 1) and --min-lr-ratio in [0, 1]")
     for c in args.categories:
-        if c not in shapes.CATEGORIES:
-            raise ValueError(f"--categories: unknown {c!r}; expected some of {shapes.CATEGORIES}")
+        if c not in shapes.DRAWABLE and not args.prompts:
+            why = "unknown" if c not in shapes.CATEGORIES else "no caption RL may draw in"
+            raise ValueError(f"--categories: {why} {c!r}; expected some of {shapes.DRAWABLE}")
+
+
+def update_autocast(dtype, device):
+    """The update's autocast: bf16 where the rollouts run in bf16 (a GPU, a CPU computing it
+    natively; the weights and AdamW stay float32), none otherwise."""
+    bf16 = dtype == torch.bfloat16
+    return torch.autocast(device.type, dtype=torch.bfloat16 if bf16 else None, enabled=bf16)
 
 
 # what a resumed run must share with the checkpoint's to continue it exactly
@@ -587,9 +597,7 @@ def grpo(args, rank, world, device):
     roller = copy.deepcopy(model).to(dtype).eval() if dtype != torch.float32 else model
     vq = vq.to(dtype)
     model.gradient_checkpointing = args.grad_checkpointing
-    # the update's autocast: bf16 where the rollouts are bf16 (a GPU, a CPU computing it natively)
-    amp = torch.bfloat16 if dtype == torch.bfloat16 else None
-    autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+    autocast = update_autocast(dtype, device)
     guided = (negative, settings) if args.logprob == "guided" else None
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * args.steps)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)

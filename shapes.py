@@ -48,7 +48,9 @@ Unlike GenEval, every nano caption names its colours (the canonical captions do)
 category checks them: single_object and colors hold the same kind of prompt ("a red circle"), the
 first taking turns over the shapes, the second over the colours. The prompt set (`prompt_set`) is
 a pure function of PROMPT_SEED and sample_scene; eval.py runs a model on it, grpo.py rewards with
-the same rule.
+the same rule. Two more prompt sets never ask what the benchmark asks: "validation", to choose
+settings on, and "wide", other captions in every training wording; RL never draws a benchmark or
+validation caption (`held_out`).
 
     prompts = prompt_set()                       # 10 per category: category, caption, spec
     result = evaluate(prompts, images)           # images[i]: PIL images or uint8 [H, W, 3]
@@ -366,7 +368,7 @@ def score(requirement, objects):
 def evaluate(prompts, images) -> dict:
     """GenEval's report for images[i] (a list of PIL images or uint8 arrays [H, W, 3]) drawn for
     prompts[i]: overall, categories {name: accuracy, images}, and per prompt its accuracy and each
-    image's verdict."""
+    image's verdict (and the wording asked, where it was not the caption)."""
     rows = []
     for p, imgs in zip(prompts, images, strict=True):
         requirement, verdicts = parse_caption(p["caption"]), []
@@ -375,7 +377,8 @@ def evaluate(prompts, images) -> dict:
             ok, reason = score(requirement, objects)
             verdicts.append(dict(correct=ok, reason=reason,
                                  objects=[f"{o['color']} {o['shape']}" for o in objects]))
-        rows.append(dict(category=p["category"], caption=p["caption"],
+        asked = {"prompt": p["prompt"]} if p.get("prompt", p["caption"]) != p["caption"] else {}
+        rows.append(dict(category=p["category"], caption=p["caption"], **asked,
                          accuracy=float(np.mean([v["correct"] for v in verdicts])),
                          images=verdicts))
     categories = {}
@@ -393,6 +396,8 @@ PROMPT_SEED = 2504
 # The other prompt sets: a validation set to choose settings on (never the benchmark), and "wide",
 # the grammar at large in every wording the training captions use
 SPLITS = {"benchmark": PROMPT_SEED, "validation": PROMPT_SEED + 1, "wide": PROMPT_SEED + 2}
+# captions per category: what held_out() keeps from RL (the benchmark's and the validation set's)
+SIZES = {"benchmark": 10, "validation": 20, "wide": 20}
 # What each category's prompts take turns over, so that e.g. counting asks for two, three and four
 # equally often
 BALANCE = dict(single_object=(lambda r: r["objects"][0][0], SHAPES),
@@ -401,29 +406,34 @@ BALANCE = dict(single_object=(lambda r: r["objects"][0][0], SHAPES),
                position=(lambda r: r["relation"], list(RELATIONS)))
 
 
-def prompt_set(per_category=10, categories=CATEGORIES, split="benchmark") -> list:
-    """A prompt set: per category, per_category distinct canonical captions drawn by sample_scene
-    under the split's seed; dicts of category, caption (canonical: what is scored), prompt (what
-    the model is asked) and spec (a scene that shows it).
+def prompt_set(per_category=None, categories=CATEGORIES, split="benchmark") -> list:
+    """A prompt set: per category, per_category (None: SIZES[split]) distinct canonical captions
+    drawn by sample_scene under the split's seed; dicts of category, caption (canonical: what is
+    scored), prompt (what the model is asked) and spec (a scene that shows it).
 
     split "benchmark" (GenEval-nano, the default) takes turns over BALANCE's values and prompts
     with the canonical caption; a category without per_category distinct captions is an error.
-    "validation" (settings are chosen on it) and "wide" draw scenes as the dataset does, never a
-    caption of the benchmark nor, for "wide", of the validation set at 20 per category, so
-    single objects (18 captions, 15 of them the benchmark's) give validation 3 and wide none; a
+    "validation" (settings are chosen on it; at most SIZES["validation"] per category, the
+    captions RL never draws) and "wide" draw scenes as the dataset does, never a caption of the
+    benchmark nor, for "wide", of the validation set, so single objects (18 captions, 15 of them
+    the benchmark's) give validation 3, shared by its single_object and colors, and wide none; a
     category may hold fewer than per_category, and one with none is left out. "wide" asks for
     each caption in one of its training wordings picked at random (templates, inverted relations,
     swapped objects, digits) and scores the canonical one: how the model does beyond the
     benchmark's captions and wordings.
-    Raises ValueError for an unknown split or category."""
+    Raises ValueError for an unknown split or category, or a validation set beyond its size."""
     if split not in SPLITS:
         raise ValueError(f"unknown prompt set {split!r}; expected one of {', '.join(SPLITS)}")
+    per_category = SIZES[split] if per_category is None else per_category
+    if split == "validation" and per_category > SIZES[split]:
+        raise ValueError(f"the validation set has {SIZES[split]} prompts per category (the ones "
+                         f"RL never draws), not {per_category}")
     benchmark = split == "benchmark"
     taken = set()
     if not benchmark:  # the other sets never ask what the benchmark asks
-        taken |= {p["caption"] for p in prompt_set(10, CATEGORIES, "benchmark")}
+        taken |= {p["caption"] for p in prompt_set(split="benchmark")}
     if split == "wide":
-        taken |= {p["caption"] for p in prompt_set(20, CATEGORIES, "validation")}
+        taken |= {p["caption"] for p in prompt_set(split="validation")}
     prompts = []
     for c in categories:
         if c not in CATEGORIES:
@@ -452,8 +462,12 @@ def prompt_set(per_category=10, categories=CATEGORIES, split="benchmark") -> lis
 def held_out() -> frozenset:
     """The canonical captions RL must never draw: the benchmark's and the validation set's (at 20
     per category), so that neither measures prompts the model was rewarded on."""
-    return frozenset(p["caption"] for split, k in (("benchmark", 10), ("validation", 20))
-                     for p in prompt_set(k, split=split))
+    return frozenset(p["caption"] for split in ("benchmark", "validation")
+                     for p in prompt_set(split=split))
+
+
+# the categories whose captions RL can draw: every single-object caption (18) is held out
+DRAWABLE = ("two_object", "counting", "position", "color_attr")
 
 
 def ground_truth(prompts, size=256) -> list:
@@ -488,6 +502,10 @@ def write_dataset(args):
             raise ValueError(f"--{name} {value} must be >= 1")
     if args.vocab_size < 256:
         raise ValueError(f"--vocab-size {args.vocab_size} must be >= 256 (the bytes alone)")
+    if args.seed < 0:
+        raise ValueError(f"--seed {args.seed} must be >= 0")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} exists and is not a directory")
     ds = ShapesDataset(args.n, args.size, args.seed, args.categories, args.lattice)
     # the tokenizer must also spell what the LM is prompted with besides captions
     texts = [*STYLE_PREFIXES, NEGATIVE_PROMPT]

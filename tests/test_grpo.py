@@ -33,18 +33,25 @@ def test_reward_is_one_on_the_scene_a_caption_describes_and_zero_on_a_blank_or_w
     assert grpo.geneval_reward([captions[1]], [[images[0][0]]]).tolist() == [[0.0]]
 
 
-def test_draw_captions_covers_the_categories_and_never_draws_the_benchmark():
+def test_draw_captions_covers_the_drawable_categories_and_never_the_held_out_captions():
     exclude = shapes.held_out()
     assert {p["caption"] for p in shapes.prompt_set()} < exclude
     assert {p["caption"] for p in shapes.prompt_set(20, split="validation")} < exclude
-    drawn = grpo.draw_captions(np.random.default_rng(1), 300, list(shapes.CATEGORIES), exclude)
-    # every single-object caption (18) is the benchmark's or the validation set's
-    assert {c for c, _ in drawn} == set(shapes.CATEGORIES) - {"single_object", "colors"}
+    drawn = grpo.draw_captions(np.random.default_rng(1), 300, list(shapes.DRAWABLE), exclude)
+    assert {c for c, _ in drawn} == set(shapes.DRAWABLE)
     assert not {caption for _, caption in drawn} & exclude
     for _, caption in drawn:
         shapes.parse_caption(caption)  # canonical: the reward can read it
-    assert drawn[:20] == grpo.draw_captions(np.random.default_rng(1), 20, list(shapes.CATEGORIES),
+    assert drawn[:20] == grpo.draw_captions(np.random.default_rng(1), 20, list(shapes.DRAWABLE),
                                             exclude)
+
+
+def test_the_update_runs_under_bf16_autocast_exactly_when_the_rollouts_are_bf16():
+    x = torch.randn(2, 8)
+    w = torch.randn(8, 8)
+    for dtype, want in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)):
+        with grpo.update_autocast(dtype, torch.device("cpu")):
+            assert (x @ w).dtype == want
 
 
 def test_group_advantages_normalise_within_each_group():
@@ -177,6 +184,7 @@ def test_run_writes_checkpoints_and_resumed_equals_uninterrupted(tiny, tmp_path,
 
 @pytest.mark.parametrize("flags, word", [(["--group", "1"], "--group"),
                                          (["--categories", "cats"], "cats"),
+                                         (["--categories", "colors"], "no caption RL may draw"),
                                          (["--steps", "0"], "--steps"),
                                          (["--cfg", "inf"], "guidance scale"),
                                          (["--window", "4"], "add --jacobi"),

@@ -169,5 +169,20 @@ def test_recipe_runs_at_toy_scale(tmp_path):
     assert "wall time per stage" in r.stdout
     for name in ("model.safetensors", "tokenizer.json", "generation_config.json",
                  "vq/model.safetensors", "eval/results.json", "eval_before_rl/results.json",
+                 "eval_validation/results.json", "eval_wide/results.json",
                  "samples_grid.png", "log.jsonl", "rl_log.jsonl", "vq/log.jsonl", "vq/psnr.json"):
         assert os.path.isfile(tmp_path / "ship" / name), name
+    # VQ= keeps a trained tokenizer: stage 2 copies it, and a directory that is not one, or that
+    # the recipe would empty first, is refused before anything is deleted
+    vq = tmp_path / "ship" / "vq"
+    again = dict(env, WORK=str(tmp_path / "again"), OUT=str(tmp_path / "ship2"), VQ=str(vq))
+    r = subprocess.run(["bash", script], env=again, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    shipped = tmp_path / "ship2" / "vq" / "model.safetensors"
+    assert shipped.read_bytes() == (vq / "model.safetensors").read_bytes()
+    for bad, word in ((tmp_path / "ship", "no psnr.json"), (tmp_path / "again" / "vq", "overlap")):
+        (tmp_path / "again" / "keep").write_text("")
+        r = subprocess.run(["bash", script], env=dict(again, VQ=str(bad)), capture_output=True,
+                           text=True)
+        assert r.returncode == 2 and word in r.stderr and len(r.stderr.splitlines()) == 1
+        assert (tmp_path / "again" / "keep").exists()

@@ -318,7 +318,8 @@ def test_validation_and_wide_sets_never_ask_what_the_benchmark_asks():
         for c in shapes.CATEGORIES:
             kind = [p["caption"] for p in prompts if p["category"] == c]
             assert len(kind) == len(set(kind))
-    assert not benchmark & set(captions[0]) and not (benchmark | set(captions[0])) & set(captions[1])
+    assert not benchmark & set(captions[0])
+    assert not (benchmark | set(captions[0])) & set(captions[1])
     for c in ("two_object", "counting", "position", "color_attr"):
         assert sum(p["category"] == c for p in validation) == 20
     # 18 single-object captions, 15 of them the benchmark's: validation takes the rest, wide none
@@ -342,6 +343,14 @@ def test_validation_and_wide_sets_never_ask_what_the_benchmark_asks():
     assert shapes.evaluate(wide, shapes.ground_truth(wide, SIZE))["overall"] == 1.0
     with pytest.raises(ValueError, match="prompt set"):
         shapes.prompt_set(split="test")
+    with pytest.raises(ValueError, match="20 prompts per category"):
+        shapes.prompt_set(21, split="validation")  # beyond it, captions RL may draw
+    assert shapes.prompt_set(split="validation") == validation  # its size is the default
+    # DRAWABLE: the categories with captions outside held_out()
+    rng, taken = np.random.default_rng(0), shapes.held_out()
+    drawable = {c for c in shapes.CATEGORIES for _ in range(200)
+                if shapes.sample_scene(rng, c, lattice=0)[1] not in taken}
+    assert drawable == set(shapes.DRAWABLE)
 
 
 # ------------------------------------------------------------------------------ negative controls
