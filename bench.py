@@ -389,7 +389,8 @@ def bench_train(a):
                 "--n-heads", a.heads, "--n-kv-heads", a.kv_heads, "--intermediate-size", a.ffn,
                 "--tokenizer", f"{tmp}/tok", "--data", f"{tmp}/codes", "--out", out,
                 "--steps", a.steps, "--batch-size", a.batch // procs, "--log-every", 1,
-                "--save-every", 0, "--keep", 1, "--loss-chunk", 1024, "--no-progress"]
+                "--save-every", 0, "--keep", 1, "--loss-chunk", 1024, "--dtype", a.dtype,
+                "--no-progress"]
         launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
                                       f"--nproc_per_node={procs}"] if procs > 1 else [])
         subprocess.run(launch + [str(x) for x in args],
@@ -401,8 +402,8 @@ def bench_train(a):
         rows.append((procs, threads, statistics.median(r["tokens_per_s"] for r in log),
                      statistics.median(r["mfu"] for r in log)))
     print(f"train.py: dim {a.dim} x {a.layers} blocks, {a.codebook} codes, {a.size} px, "
-          f"global batch {a.batch}, fp32, {cores} cores; medians over steps 3..{a.steps}; "
-          f"MFU against the measured fp32 matmul peak")
+          f"global batch {a.batch}, --dtype {a.dtype}, {cores} cores; medians over steps "
+          f"3..{a.steps}; MFU against the matmul peak train.py measures in that dtype")
     print(f"{'processes x threads':<22}{'tokens/s':>10}{'MFU':>8}{'vs first':>10}")
     for procs, threads, tps, mfu in rows:
         print(f"{f'{procs} x {threads}':<22}{tps:>10.0f}{mfu:>8.1%}{tps / rows[0][2]:>9.2f}x")
@@ -916,6 +917,8 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--ffn", type=int, default=1024)
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="train.py --dtype: auto is bf16 autocast where the hardware computes it")
     p.set_defaults(func=bench_train)
 
     p = sub.add_parser("cosmos", help="Cosmos decoder: time and peak memory per code grid")

@@ -117,10 +117,21 @@ def _noun(shape, color, n=1):
     return f"{NUMBERS[n]} {color} {shape}s"
 
 
-def sample_scene(rng, category, lattice=LATTICE):
-    """(spec, canonical caption, captions) of one random scene; captions[0] is the canonical
-    (evaluation) form. Object sides and box edges are multiples of 1/lattice of the image side
-    (lattice 0: any value)."""
+def raster_key(o, grid=8) -> tuple:
+    """Where a raster scan of a grid x grid code map first meets object o: its top row, then the
+    column of its topmost pixels (a square's left edge, a circle's or a triangle's centre)."""
+    (x, y), half = o["center"], o["size"] / 2
+    return int((y - half) * grid), int((x - half if o["shape"] == "square" else x) * grid)
+
+
+def sample_scene(rng, category, lattice=LATTICE, order="any"):
+    """(spec, canonical caption, captions) of one random scene. The canonical (evaluation) form
+    names the objects in the order they were drawn; captions are its wordings, the canonical
+    first. order "raster" keeps, for two kinds of object joined by "and", only the wordings that
+    name first the one a raster scan of the 8 x 8 code map meets first (raster_key; both on a
+    tie), so that the first object an LM generates is the first it was told of; the canonical
+    caption, the scene and the random stream are those of "any". Object sides and box edges are multiples of 1/lattice
+    of the image side (lattice 0: any value)."""
     pick = lambda seq, k: [seq[i] for i in rng.choice(len(seq), k, replace=False)]  # noqa: E731
     colors = list(PALETTE)
     if category in ("single_object", "colors"):
@@ -165,8 +176,16 @@ def sample_scene(rng, category, lattice=LATTICE):
         variants = [f"{a} and {b}", f"{b} and {a}"]
     else:
         variants = [a]
+    canonical = variants[0]
+    # not a relation: "a below b" would go unseen, its raster-first wording being "b above a"
+    if order == "raster" and len(objs) == 2 and objs[0] != objs[1] and not relation:
+        keys = [raster_key(o) for o in spec]
+        if keys[0] != keys[1]:
+            variants = [variants[int(keys[1] < keys[0])]]
+    elif order not in ("any", "raster"):
+        raise ValueError(f"caption order {order!r}: any or raster")
     captions = list(dict.fromkeys(t.format(v) for t in TEMPLATES for v in variants))
-    return spec, captions[0], captions
+    return spec, canonical, captions
 
 
 # ------------------------------------------------------------------------------------- renderer
@@ -206,9 +225,10 @@ def render_shapes(spec, size, supersample=SUPERSAMPLE) -> Image.Image:
 # -------------------------------------------------------------------------------------- dataset
 class ShapesDataset:
     """n scenes; item i is a pure function of (seed, i), and categories take turns: each is equally
-    frequent, or as often as it is repeated in categories. lattice: as sample_scene's."""
+    frequent, or as often as it is repeated in categories. lattice, order: as sample_scene's."""
 
-    def __init__(self, n, size=256, seed=0, categories=CATEGORIES, lattice=LATTICE):
+    def __init__(self, n, size=256, seed=0, categories=CATEGORIES, lattice=LATTICE,
+                 order="any"):
         unknown = sorted(set(categories) - set(CATEGORIES))
         if unknown or not categories:
             raise ValueError(f"categories {' '.join(unknown) or '(none)'}: expected some of "
@@ -223,6 +243,7 @@ class ShapesDataset:
         self.seed = seed
         self.categories = list(categories)
         self.lattice = lattice
+        self.order = order
 
     def __len__(self):
         return self.n
@@ -232,7 +253,7 @@ class ShapesDataset:
             raise IndexError(i)
         category = self.categories[i % len(self.categories)]
         rng = np.random.default_rng([self.seed, i])
-        spec, canonical, captions = sample_scene(rng, category, self.lattice)
+        spec, canonical, captions = sample_scene(rng, category, self.lattice, self.order)
         return dict(image=render_shapes(spec, self.size), caption=canonical, captions=captions,
                     category=category, spec=spec)
 
@@ -488,6 +509,9 @@ def get_parser() -> Parser:
     p.add_argument("--categories", nargs="+", default=list(CATEGORIES), metavar="CATEGORY",
                    help="scene i is of category i mod their number; repeat one to weight it "
                    f"(of {', '.join(CATEGORIES)})")
+    p.add_argument("--caption-order", choices=("any", "raster"), default="any",
+                   help="raster: a two-object scene's training captions name first the object "
+                   "the LM generates first (sample_scene); the images are the same")
     p.add_argument("--lattice", type=int, default=LATTICE,
                    help="object sides and box edges are multiples of 1/LATTICE of the side; "
                    "0: anywhere")
@@ -506,7 +530,8 @@ def write_dataset(args):
         raise ValueError(f"--seed {args.seed} must be >= 0")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} exists and is not a directory")
-    ds = ShapesDataset(args.n, args.size, args.seed, args.categories, args.lattice)
+    ds = ShapesDataset(args.n, args.size, args.seed, args.categories, args.lattice,
+                       args.caption_order)
     # the tokenizer must also spell what the LM is prompted with besides captions
     texts = [*STYLE_PREFIXES, NEGATIVE_PROMPT]
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)

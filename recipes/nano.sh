@@ -11,7 +11,9 @@
 # Stages (each prints its wall time, the total at the end):
 #   1. data    64 px shapes scenes (PNG + meta.jsonl) and the byte-level BPE of their captions (shapes.py);
 #              objects on shapes.LATTICE (4 px steps); the compositional categories twice as often as single
-#              objects, which a small LM learns first
+#              objects, which a small LM learns first; a two-object scene's training captions name first the
+#              object a raster scan meets first (--caption-order raster), so the LM draws the objects in the
+#              order it was told of them
 #   2. vq      a Cosmos-architecture tokenizer, preset nano: 64 px -> 8x8 codes of 1,000 (train_vq.py)
 #   3. codes   every training image encoded to codes (data.py prepare)
 #   4. lm      a Qwen2-architecture LM, preset nano, from scratch on SimpleAR's sequence layout (train.py); its
@@ -81,7 +83,7 @@ fi
 rm -rf "$WORK"
 mkdir -p "$WORK"
 stage data $PY shapes.py --out "$WORK/data" --n "$N_IMAGES" --size "$IMAGE_SIZE" --vocab-size 512 \
-  --categories $CATEGORIES --seed "$SEED"
+  --categories $CATEGORIES --caption-order raster --seed "$SEED"
 if [ -n "$VQ" ]; then
   stage vq cp -r "$VQ" "$WORK/vq"
 else

@@ -115,6 +115,38 @@ def test_shapes_captions():
     assert shapes._noun("square", "red", 3) == "three red squares"
 
 
+def test_raster_caption_order_names_first_the_object_generated_first():
+    """order="raster" changes only which training wordings a two-object scene keeps: the scene,
+    the canonical caption and the random stream are order="any"'s."""
+    kept = 0
+    for i in range(200):
+        category = ("two_object", "position", "color_attr", "counting", "single_object")[i % 5]
+        rng_any, rng_raster = np.random.default_rng([3, i]), np.random.default_rng([3, i])
+        spec, canonical, captions = shapes.sample_scene(rng_any, category)
+        ordered = shapes.sample_scene(rng_raster, category, order="raster")
+        assert ordered[:2] == (spec, canonical) and rng_any.random() == rng_raster.random()
+        assert set(ordered[2]) <= set(captions)
+        if len(spec) != 2 or spec[0]["shape"] == spec[1]["shape"] or category == "position":
+            assert ordered[2] == captions  # nothing to order, or a relation: both wordings stay
+            continue
+        keys = [shapes.raster_key(o) for o in spec]
+        if keys[0] == keys[1]:
+            assert ordered[2] == captions
+            continue
+        first = spec[int(keys[1] < keys[0])]
+        for wording in ordered[2]:  # every kept wording names the raster-first object first
+            named = [m.start() for m in (re.search(rf"{o['color']} {o['shape']}", wording)
+                                         for o in spec)]
+            assert named[spec.index(first)] == min(named), wording
+        assert len(ordered[2]) == len(captions) // 2
+        kept += 1
+    assert kept > 50
+    with pytest.raises(ValueError, match="caption order"):
+        shapes.sample_scene(np.random.default_rng(0), "position", order="size")
+    a, b = shapes.ShapesDataset(6, 32, order="raster")[1], shapes.ShapesDataset(6, 32)[1]
+    assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+
+
 def test_shapes_lattice():
     """Sides and box edges on the 1/LATTICE grid (the default), anywhere with lattice=0; both
     within the spec."""
