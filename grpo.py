@@ -477,9 +477,11 @@ def check_flags(args):
     if not 0 <= args.warmup_ratio < 1 or not 0 <= args.min_lr_ratio <= 1:
         raise ValueError("--warmup-ratio must be in [0, 1) and --min-lr-ratio in [0, 1]")
     for c in args.categories:
-        if c not in shapes.DRAWABLE and not args.prompts:
-            why = "unknown" if c not in shapes.CATEGORIES else "no caption RL may draw in"
-            raise ValueError(f"--categories: {why} {c!r}; expected some of {shapes.DRAWABLE}")
+        if c not in shapes.CATEGORIES:
+            raise ValueError(f"--categories: unknown {c!r}; expected some of {shapes.DRAWABLE}")
+        if c not in shapes.DRAWABLE and not args.prompts:  # with --prompts, captions are the file's
+            raise ValueError(f"--categories: no caption RL may draw in {c!r}; expected some of "
+                             f"{shapes.DRAWABLE}")
 
 
 def update_autocast(dtype, device):

@@ -124,14 +124,21 @@ def raster_key(o, grid=8) -> tuple:
     return int((y - half) * grid), int((x - half if o["shape"] == "square" else x) * grid)
 
 
+def check_order(order) -> None:
+    """ValueError unless order is a caption order sample_scene knows."""
+    if order not in ("any", "raster"):
+        raise ValueError(f"caption order {order!r}: any or raster")
+
+
 def sample_scene(rng, category, lattice=LATTICE, order="any"):
     """(spec, canonical caption, captions) of one random scene. The canonical (evaluation) form
     names the objects in the order they were drawn; captions are its wordings, the canonical
     first. order "raster" keeps, for two kinds of object joined by "and", only the wordings that
     name first the one a raster scan of the 8 x 8 code map meets first (raster_key; both on a
     tie), so that the first object an LM generates is the first it was told of; the canonical
-    caption, the scene and the random stream are those of "any". Object sides and box edges are multiples of 1/lattice
-    of the image side (lattice 0: any value)."""
+    caption, the scene and the random stream are those of "any". Object sides and box edges are
+    multiples of 1/lattice of the image side (lattice 0: any value)."""
+    check_order(order)
     pick = lambda seq, k: [seq[i] for i in rng.choice(len(seq), k, replace=False)]  # noqa: E731
     colors = list(PALETTE)
     if category in ("single_object", "colors"):
@@ -182,8 +189,6 @@ def sample_scene(rng, category, lattice=LATTICE, order="any"):
         keys = [raster_key(o) for o in spec]
         if keys[0] != keys[1]:
             variants = [variants[int(keys[1] < keys[0])]]
-    elif order not in ("any", "raster"):
-        raise ValueError(f"caption order {order!r}: any or raster")
     captions = list(dict.fromkeys(t.format(v) for t in TEMPLATES for v in variants))
     return spec, canonical, captions
 
@@ -238,6 +243,7 @@ class ShapesDataset:
                              "room for four objects)")
         if n < 0 or size < 1:
             raise ValueError(f"n {n} must be >= 0 and size {size} >= 1")
+        check_order(order)
         self.n = n
         self.size = size
         self.seed = seed

@@ -185,6 +185,7 @@ def test_run_writes_checkpoints_and_resumed_equals_uninterrupted(tiny, tmp_path,
 @pytest.mark.parametrize("flags, word", [(["--group", "1"], "--group"),
                                          (["--categories", "cats"], "cats"),
                                          (["--categories", "colors"], "no caption RL may draw"),
+                                         (["--categories", "cats", "--prompts", "CAPS"], "cats"),
                                          (["--steps", "0"], "--steps"),
                                          (["--cfg", "inf"], "guidance scale"),
                                          (["--window", "4"], "add --jacobi"),
@@ -204,7 +205,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, flags, wor
     out = tmp_path / "run"
     (tmp_path / "empty.json").write_text('[{"caption": ""}]')
     (tmp_path / "cats.txt").write_text("a cat on a mat\n")
-    files = {"EMPTY": str(tmp_path / "empty.json"), "CATS": str(tmp_path / "cats.txt")}
+    (tmp_path / "caps.txt").write_text("a red circle\n")
+    files = {"EMPTY": str(tmp_path / "empty.json"), "CATS": str(tmp_path / "cats.txt"),
+             "CAPS": str(tmp_path / "caps.txt")}
     flags = [files.get(f, f) for f in flags]
     with pytest.raises(SystemExit) as e:
         grpo.main(["--ckpt", lm, "--vq", vq, "--out", str(out), *flags])

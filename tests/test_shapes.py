@@ -143,6 +143,8 @@ def test_raster_caption_order_names_first_the_object_generated_first():
     assert kept > 50
     with pytest.raises(ValueError, match="caption order"):
         shapes.sample_scene(np.random.default_rng(0), "position", order="size")
+    with pytest.raises(ValueError, match="caption order"):
+        shapes.ShapesDataset(6, 32, order="size")  # found before any scene is drawn
     a, b = shapes.ShapesDataset(6, 32, order="raster")[1], shapes.ShapesDataset(6, 32)[1]
     assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
 
