@@ -300,15 +300,24 @@ def resolve_dtype(name: str, device) -> tuple[torch.dtype, str | None]:
     return dtype, None
 
 
+def onednn_bf16_packing() -> bool:
+    """Whether oneDNN can pack bf16 weights on this CPU: it needs AVX512 (BW, VL, DQ) or
+    AVX-NE-CONVERT, and refuses the reorder elsewhere (an AVX2-only CPU), where F.linear runs."""
+    ops = torch.ops.mkldnn
+    return (hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_is_mkldnn_bf16_supported")
+            and ops._is_mkldnn_bf16_supported())
+
+
 def pack_weights(model: nn.Module):
     """Gives every `Linear` of model oneDNN's packed copy of its weight when that pays: bf16 on a
-    CPU (see `linear`). The copies are for inference: refresh them after changing the weights."""
+    CPU that oneDNN packs for (see `linear`). The copies are for inference: refresh them after
+    changing the weights."""
+    packable = onednn_bf16_packing()
     for m in model.modules():
         if isinstance(m, Linear):
             w = m.weight.detach()
-            cpu_bf16 = w.device.type == "cpu" and w.dtype == torch.bfloat16
-            fast = cpu_bf16 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            m.packed = torch.ops.mkldnn._reorder_linear_weight(w, 2) if fast else None
+            pack = packable and w.device.type == "cpu" and w.dtype == torch.bfloat16
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(w, 2) if pack else None
 
 
 class KVCache(nn.Module):

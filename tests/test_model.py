@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from model import Int8Linear, ModelArgs, Transformer, read_safetensors, resolve_dtype
+from model import (Int8Linear, ModelArgs, Transformer, onednn_bf16_packing, read_safetensors,
+                   resolve_dtype)
 
 transformers = pytest.importorskip("transformers")
 
@@ -329,6 +330,8 @@ def test_prepared_decoding_kernels_match_the_plain_path(tiny):
     bf16 = bf16.to(torch.bfloat16)
     plain = bf16(tokens, vocab=(lo, hi))
     packed = bf16.prepare_decoding((lo, hi))(tokens, vocab=(lo, hi))
+    # packed where oneDNN can pack bf16 (AVX512 or AVX-NE-CONVERT); F.linear elsewhere
+    assert (bf16.layers[0].mlp.up_proj.packed is not None) == onednn_bf16_packing()
     assert (packed - plain).abs().max() <= 0.02 * plain.abs().max()
     assert (packed - want).abs().max() <= 0.05 * want.abs().max()
     assert sum(p.numel() for p in bf16.parameters()) == sum(p.numel() for p in tiny.parameters())
