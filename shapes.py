@@ -78,6 +78,7 @@ CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "
 # relation -> (axis, sign of a - b)
 RELATIONS = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1),
              "below": (1, 1)}
+HORIZONTAL = ("to the left of", "to the right of")
 INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of",
            "above": "below", "below": "above"}
 
@@ -124,10 +125,13 @@ def raster_key(o, grid=8) -> tuple:
     return int((y - half) * grid), int((x - half if o["shape"] == "square" else x) * grid)
 
 
+ORDERS = ("any", "raster", "raster-lr")
+
+
 def check_order(order) -> None:
-    """ValueError unless order is a caption order sample_scene knows."""
-    if order not in ("any", "raster"):
-        raise ValueError(f"caption order {order!r}: any or raster")
+    """ValueError unless order is a caption order sample_scene knows (ORDERS)."""
+    if order not in ORDERS:
+        raise ValueError(f"caption order {order!r}: one of {', '.join(ORDERS)}")
 
 
 def sample_scene(rng, category, lattice=LATTICE, order="any"):
@@ -135,9 +139,10 @@ def sample_scene(rng, category, lattice=LATTICE, order="any"):
     names the objects in the order they were drawn; captions are its wordings, the canonical
     first. order "raster" keeps, for two kinds of object joined by "and", only the wordings that
     name first the one a raster scan of the 8 x 8 code map meets first (raster_key; both on a
-    tie), so that the first object an LM generates is the first it was told of; the canonical
-    caption, the scene and the random stream are those of "any". Object sides and box edges are
-    multiples of 1/lattice of the image side (lattice 0: any value)."""
+    tie), so that the first object an LM generates is the first it was told of; "raster-lr"
+    orders a left-right relation's wordings too. The canonical caption, the scene and the random
+    stream are those of "any". Object sides and box edges are multiples of 1/lattice of the image
+    side (lattice 0: any value)."""
     check_order(order)
     pick = lambda seq, k: [seq[i] for i in rng.choice(len(seq), k, replace=False)]  # noqa: E731
     colors = list(PALETTE)
@@ -184,8 +189,10 @@ def sample_scene(rng, category, lattice=LATTICE, order="any"):
     else:
         variants = [a]
     canonical = variants[0]
-    # not a relation: "a below b" would go unseen, its raster-first wording being "b above a"
-    if order == "raster" and len(objs) == 2 and objs[0] != objs[1] and not relation:
+    # never above / below: "a below b" would go unseen, its raster-first wording being "b above
+    # a"; left / right both stay, either object being the higher one
+    orderable = not relation or (order == "raster-lr" and relation in HORIZONTAL)
+    if order != "any" and len(objs) == 2 and objs[0] != objs[1] and orderable:
         keys = [raster_key(o) for o in spec]
         if keys[0] != keys[1]:
             variants = [variants[int(keys[1] < keys[0])]]
@@ -515,9 +522,10 @@ def get_parser() -> Parser:
     p.add_argument("--categories", nargs="+", default=list(CATEGORIES), metavar="CATEGORY",
                    help="scene i is of category i mod their number; repeat one to weight it "
                    f"(of {', '.join(CATEGORIES)})")
-    p.add_argument("--caption-order", choices=("any", "raster"), default="any",
+    p.add_argument("--caption-order", choices=ORDERS, default="any",
                    help="raster: a two-object scene's training captions name first the object "
-                   "the LM generates first (sample_scene); the images are the same")
+                   "the LM generates first (sample_scene); raster-lr: a left-right relation's "
+                   "too; the images are the same")
     p.add_argument("--lattice", type=int, default=LATTICE,
                    help="object sides and box edges are multiples of 1/LATTICE of the side; "
                    "0: anywhere")

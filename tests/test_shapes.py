@@ -115,19 +115,25 @@ def test_shapes_captions():
     assert shapes._noun("square", "red", 3) == "three red squares"
 
 
-def test_raster_caption_order_names_first_the_object_generated_first():
+@pytest.mark.parametrize("order", ["raster", "raster-lr"])
+def test_raster_caption_order_names_first_the_object_generated_first(order):
     """order="raster" changes only which training wordings a two-object scene keeps: the scene,
-    the canonical caption and the random stream are order="any"'s."""
+    the canonical caption and the random stream are order="any"'s. "raster-lr" orders left-right
+    relations too, and both of their relation words stay in use."""
+    words = set()
     kept = 0
     for i in range(200):
         category = ("two_object", "position", "color_attr", "counting", "single_object")[i % 5]
         rng_any, rng_raster = np.random.default_rng([3, i]), np.random.default_rng([3, i])
         spec, canonical, captions = shapes.sample_scene(rng_any, category)
-        ordered = shapes.sample_scene(rng_raster, category, order="raster")
+        ordered = shapes.sample_scene(rng_raster, category, order=order)
         assert ordered[:2] == (spec, canonical) and rng_any.random() == rng_raster.random()
         assert set(ordered[2]) <= set(captions)
-        if len(spec) != 2 or spec[0]["shape"] == spec[1]["shape"] or category == "position":
-            assert ordered[2] == captions  # nothing to order, or a relation: both wordings stay
+        relation = shapes.parse_caption(canonical)["relation"]
+        if order == "raster-lr" and relation in shapes.HORIZONTAL:
+            words |= {word for word in shapes.HORIZONTAL for c in ordered[2] if word in c}
+        elif len(spec) != 2 or spec[0]["shape"] == spec[1]["shape"] or relation:
+            assert ordered[2] == captions  # nothing to order, or above / below: both wordings
             continue
         keys = [shapes.raster_key(o) for o in spec]
         if keys[0] == keys[1]:
@@ -141,6 +147,7 @@ def test_raster_caption_order_names_first_the_object_generated_first():
         assert len(ordered[2]) == len(captions) // 2
         kept += 1
     assert kept > 50
+    assert words == (set(shapes.HORIZONTAL) if order == "raster-lr" else set())
     with pytest.raises(ValueError, match="caption order"):
         shapes.sample_scene(np.random.default_rng(0), "position", order="size")
     with pytest.raises(ValueError, match="caption order"):
