@@ -52,6 +52,7 @@ RL_PROMPTS=${RL_PROMPTS:-16}
 RL_GROUP=${RL_GROUP:-8}
 EVAL_ARGS=${EVAL_ARGS:-}
 SEED=${SEED:-0}  # the LM's scenes, every init and order, the RL draws (the tokenizer's scenes and the benchmark stay)
+CAPTION_ORDER=${CAPTION_ORDER:-raster}  # or raster-lr: left-right relations' captions too (shapes.py)
 CATEGORIES="single_object colors two_object two_object counting counting position position color_attr color_attr"
 RL_CATEGORIES=${RL_CATEGORIES:-"two_object counting counting position position position color_attr color_attr"}
 
@@ -83,7 +84,7 @@ fi
 rm -rf "$WORK"
 mkdir -p "$WORK"
 stage data $PY shapes.py --out "$WORK/data" --n "$N_IMAGES" --size "$IMAGE_SIZE" --vocab-size 512 \
-  --categories $CATEGORIES --caption-order raster --seed "$SEED"
+  --categories $CATEGORIES --caption-order "$CAPTION_ORDER" --seed "$SEED"
 if [ -n "$VQ" ]; then
   stage vq cp -r "$VQ" "$WORK/vq"
 else
