@@ -146,9 +146,10 @@ def apply_rope(x, cos, sin):
 def linear(x, w, b=None, packed=None):
     """F.linear [..., K] x [N, K] -> [..., N], with faster CPU kernels for inference.
 
-    * packed: oneDNN's blocked copy of w (`pack_weights`), for bf16 on CPU. F.linear reorders the
-      weight into that layout on every call; packed once, a 2-row decode step reads bf16 weights at
-      22 GB/s instead of 17 here, for the same row-wise results at any row count.
+    * packed: oneDNN's blocked copy of w (`pack_weights`), for bf16 on CPUs oneDNN packs for
+      (onednn_bf16_packing). F.linear reorders the weight into that layout on every call; packed
+      once, a 2-row decode step reads bf16 weights at 22 GB/s instead of 17 on an AVX512-BF16 EPYC,
+      for the same row-wise results at any row count.
     * float32 with 2-8 rows: W @ x.T. MKL's x @ W.T reads W at a third of the memory bandwidth for
       so few rows; W @ x.T streams it at full speed (31 GB/s here). In bf16 it is the slow one.
     """
@@ -459,10 +460,10 @@ class Transformer(nn.Module):
     def prepare_decoding(self, vocab: tuple[int, int], quantize: str | None = None):
         """Readies the weights for fast inference (not training): int8 weights when quantize ==
         "int8" (every linear layer and the head rows; the embedding stays), and oneDNN-packed bf16
-        weights on CPU. The head over rows [lo, hi) becomes its own module, so that a tied head
-        is packed or quantized for the rows that are sampled only. Memory: packing keeps the
-        weights too (autograd and saving use them), so bf16 linear weights take twice their size;
-        int8 replaces them. Returns self."""
+        weights on CPUs that allow it (onednn_bf16_packing). The head over rows [lo, hi) becomes
+        its own module, so that a tied head is packed or quantized for the rows that are sampled
+        only. Memory: packing keeps the weights too (autograd and saving use them), so bf16 linear
+        weights take twice their size; int8 replaces them. Returns self."""
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         lo, hi = vocab

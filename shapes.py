@@ -523,9 +523,9 @@ def get_parser() -> Parser:
                    help="scene i is of category i mod their number; repeat one to weight it "
                    f"(of {', '.join(CATEGORIES)})")
     p.add_argument("--caption-order", choices=ORDERS, default="any",
-                   help="raster: a two-object scene's training captions name first the object "
-                   "the LM generates first (sample_scene); raster-lr: a left-right relation's "
-                   "too; the images are the same")
+                   help="raster: the training captions of two kinds of object joined by 'and' "
+                   "name first the object the LM generates first (sample_scene); raster-lr: "
+                   "left-right relations' too (above / below keep both); the images are the same")
     p.add_argument("--lattice", type=int, default=LATTICE,
                    help="object sides and box edges are multiples of 1/LATTICE of the side; "
                    "0: anywhere")

@@ -12,7 +12,7 @@
 #   1. data    64 px shapes scenes (PNG + meta.jsonl) and the byte-level BPE of their captions (shapes.py);
 #              objects on shapes.LATTICE (4 px steps); the compositional categories twice as often as single
 #              objects, which a small LM learns first; a two-object scene's training captions name first the
-#              object a raster scan meets first (--caption-order raster), so the LM draws the objects in the
+#              object a raster scan meets first (--caption-order $CAPTION_ORDER), so the LM draws the objects in the
 #              order it was told of them
 #   2. vq      a Cosmos-architecture tokenizer, preset nano: 64 px -> 8x8 codes of 1,000 (train_vq.py)
 #   3. codes   every training image encoded to codes (data.py prepare)
@@ -44,7 +44,7 @@ VQ_IMAGES=${VQ_IMAGES:-20000}
 LM_CONFIG=${LM_CONFIG:-nano}
 # train.py's --dtype auto trains under bf16 autocast where the CPU computes bf16 natively (AVX512-BF16,
 # AMX): 1.6x float32's tokens/s on a 2-core EPYC, which buys 9,600 steps in the time 6,000 took. A CPU
-# without bf16 trains in float32 and needs about 20 more minutes in all (or LM_STEPS=6000).
+# without bf16 trains in float32: 79-104 min in all on two AVX2-only EPYCs (or LM_STEPS=6000).
 LM_STEPS=${LM_STEPS:-9600}
 LM_BATCH=${LM_BATCH:-16}
 RL_STEPS=${RL_STEPS:-100}
