@@ -78,7 +78,8 @@ CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "
 # relation -> (axis, sign of a - b)
 RELATIONS = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1),
              "below": (1, 1)}
-HORIZONTAL = ("to the left of", "to the right of")
+# the relations along x, which raster-lr captions also order
+HORIZONTAL = tuple(r for r, (axis, _) in RELATIONS.items() if axis == 0)
 INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of",
            "above": "below", "below": "above"}
 
