@@ -44,7 +44,8 @@ VQ_IMAGES=${VQ_IMAGES:-20000}
 LM_CONFIG=${LM_CONFIG:-nano}
 # train.py's --dtype auto trains under bf16 autocast where the CPU computes bf16 natively (AVX512-BF16,
 # AMX): 1.6x float32's tokens/s on a 2-core EPYC, which buys 9,600 steps in the time 6,000 took. A CPU
-# without bf16 trains in float32: 79-104 min in all on two AVX2-only EPYCs (or LM_STEPS=6000).
+# without bf16 trains in float32: 79-104 min in all on two AVX2-only EPYCs with 100 RL steps, ~11 more with
+# 200 (or LM_STEPS=6000).
 LM_STEPS=${LM_STEPS:-9600}
 LM_BATCH=${LM_BATCH:-16}
 RL_STEPS=${RL_STEPS:-200}
@@ -103,9 +104,9 @@ LM="$WORK/lm/$(cat "$WORK/lm/latest")"
 echo '{"repetition_penalty": 1.0, "guidance_scale": 2.0, "negative_prompt": "", "image_top_k": 10, "do_sample": true}' \
   > "$LM/generation_config.json"
 # lr 1e-4 where SimpleAR's 0.5B takes 1e-6 (a tiny model from scratch), decaying by a cosine to 1e-5 as
-# SimpleAR's does: held at 1e-4, the reward collapsed after ~130 steps at seeds 1 and 2; no KL term (TRL's default
-# today), which saves the reference model's forward pass; the categories the LM gets wrong most often are drawn
-# more often
+# SimpleAR's does: held at 1e-4 for 200 steps, GenEval-nano peaked at 125-150 and the reward fell apart after
+# ~160 at seeds 1 and 2; no KL term (TRL's default today), which saves the reference model's forward pass; the
+# categories the LM gets wrong most often are drawn more often
 stage rl $PY grpo.py --ckpt "$LM" --vq "$WORK/vq" --out "$WORK/rl" --steps "$RL_STEPS" \
   --prompts-per-step "$RL_PROMPTS" --group "$RL_GROUP" --lr 1e-4 --schedule cosine --min-lr-ratio 0.1 --beta 0 \
   --categories $RL_CATEGORIES --seed "$SEED" --no-progress
