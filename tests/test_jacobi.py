@@ -133,12 +133,14 @@ def exact_distribution(model, s):
 
 
 def chi_square_failures(codes, exact, alpha=1e-3):
-    """The (positions, statistic, threshold) of every per-position marginal and adjacent-pair joint
-    whose chi-square goodness-of-fit test rejects (cells with expected count < 5 pooled).
-    Bonferroni: each of the 2 * LENGTH - 1 statistics is tested at alpha / their number, so that
-    exact samples fail the whole test with probability alpha at most."""
+    """The (positions, statistic, threshold) of every per-position marginal, adjacent-pair joint
+    and the whole sequence's joint (the long-range structure a pair misses) that holds a value of
+    probability 0 or whose chi-square goodness-of-fit test rejects (cells with expected count < 5
+    pooled). Bonferroni: each of the 2 * LENGTH statistics is tested at alpha / their number, so
+    that exact samples fail the whole test with probability alpha at most."""
     failures = []
     groups = [(t,) for t in range(LENGTH)] + [(t, t + 1) for t in range(LENGTH - 1)]
+    groups.append(tuple(range(LENGTH)))
     alpha = alpha / len(groups)
     for where in groups:
         want = {}
@@ -148,8 +150,9 @@ def chi_square_failures(codes, exact, alpha=1e-3):
         got = {}
         for row in codes[:, list(where)].tolist():
             got[tuple(row)] = got.get(tuple(row), 0) + 1
-        assert set(got) <= set(want), (f"positions {where}: "
-                                       "a sequence of probability 0 was sampled")
+        if not set(got) <= set(want):
+            failures.append((where, "a value of probability 0 was sampled", 0))
+            continue
         cells = []
         pooled_e = 0.0
         pooled_o = 0
@@ -201,7 +204,7 @@ def test_the_test_sees_a_two_point_bias(small):
     biased = codes.clone()
     moved = (biased[:, 2] == src).nonzero()[:int(0.02 * SAMPLES), 0]
     biased[moved, 2] = dst
-    assert chi_square_failures(biased, exact)
+    assert (2,) in [f[0] for f in chi_square_failures(biased, exact)]  # its marginal, not by chance
 
 
 @pytest.mark.parametrize("options", [Jacobi(4, "random", coupling=False), Jacobi(4, "above"),
