@@ -44,6 +44,9 @@ Rewards (--reward name[=weight] ...): a reward is one function of (captions [P],
     image shows what the caption asks, else 0): Flow-GRPO's rule-based GenEval reward at laptop
     scale. Captions drawn from the shapes world never include the benchmark's own
     (shapes.prompt_set()) nor the validation set's.
+  * geneval-nano-parts: the same judge's partial credit, the fraction of the caption's objects and
+    relation the image gets right (shapes.credit): a group whose images all fail still ranks the
+    one that drew both objects above the one that drew one.
   * clip: SimpleAR's: the cosine of the L2-normalised CLIP embeddings (open_clip ViT-H-14, LAION-2B)
     of the image, bilinearly resized to 224 (clip.preprocess "simplear"), and of "A photo of
     {caption}". SimpleAR strips its prompt with str.strip("<|t2i|>"), which removes characters, not
@@ -64,6 +67,7 @@ the uninterrupted one.
 """
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -237,11 +241,15 @@ def file_captions(captions, seed, step, k) -> list:
 
 
 # ---------------------------------------------------------------------------------------- rewards
-def geneval_reward(captions, images) -> np.ndarray:
+def geneval_reward(captions, images, parts=False) -> np.ndarray:
     """float [P, G]: 1.0 where image g of caption p passes GenEval-nano's rules for that caption,
-    else 0.0."""
-    return np.array([[float(shapes.score(shapes.parse_caption(c), shapes.detect(img))[0])
-                      for img in imgs]
+    else 0.0; with parts, the fraction of the caption's parts it meets (shapes.credit)."""
+    def one(caption, image):
+        requirement, objects = shapes.parse_caption(caption), shapes.detect(image)
+        if parts:
+            return shapes.credit(requirement, objects)
+        return float(shapes.score(requirement, objects)[0])
+    return np.array([[one(c, img) for img in imgs]
                      for c, imgs in zip(captions, images, strict=True)])
 
 
@@ -304,6 +312,7 @@ def hps_tokenizer(args):
 # name -> f(args, device) -> reward function; each loads what it needs
 REWARDS = {
     "geneval-nano": lambda args, device: geneval_reward,
+    "geneval-nano-parts": lambda args, device: functools.partial(geneval_reward, parts=True),
     "clip": lambda args, device: clip_reward(load_clip(args.clip_ckpt, "clip", device=device),
                                              template="A photo of {}", preprocess="simplear"),
     "pickscore": lambda args, device: clip_reward(load_clip(args.pickscore_ckpt, "pickscore",

@@ -381,23 +381,44 @@ def _spec(o):
     return dict(shape="other", center=o["centroid"], size=(x1 - x0 + y1 - y0) / 2)
 
 
-def score(requirement, objects):
-    """(correct, reason) of one image's detected objects against a parse_caption requirement."""
-    chosen = []
+def judge(requirement, objects) -> list:
+    """[(met, reason)] per part of a parse_caption requirement, in order: each object (its shape,
+    colour and count), then the relation if there is one (unmet while an object is missing)."""
+    parts, chosen = [], []
     for shape, color, count in requirement["objects"]:
         # largest first
         found = [o for o in objects if o["shape"] == shape and o["color"] == color]
         if len(found) < count or (count > 1 and len(found) > count):
-            return False, (f"expected {'exactly ' if count > 1 else ''}{count} {color} {shape}, "
-                           f"found {len(found)}")
-        chosen.append(found[0])
+            parts.append((False, f"expected {'exactly ' if count > 1 else ''}{count} {color} "
+                                 f"{shape}, found {len(found)}"))
+        else:
+            parts.append((True, ""))
+            chosen.append(found[0])
     rel = requirement["relation"]
-    if rel:
+    if rel and len(chosen) < len(requirement["objects"]):
+        parts.append((False, f"expected {rel}, but an object is missing"))
+    elif rel:
         seen = relations(*map(_spec, chosen))
-        if rel not in seen:
-            return False, (f"expected {rel}, "
-                           f"found {' and '.join(sorted(seen)) or 'no clear relation'}")
+        parts.append((rel in seen, "" if rel in seen else
+                      f"expected {rel}, found {' and '.join(sorted(seen)) or 'no clear relation'}"))
+    return parts
+
+
+def score(requirement, objects):
+    """(correct, reason) of one image's detected objects against a parse_caption requirement:
+    GenEval's rule, every part met; the reason is the first unmet part's."""
+    for met, reason in judge(requirement, objects):
+        if not met:
+            return False, reason
     return True, ""
+
+
+def credit(requirement, objects) -> float:
+    """The fraction of the requirement's parts (judge) an image meets: 1.0 exactly where score
+    passes, and between 0 and 1 where it fails, e.g. 1/3 for "a red circle below a blue square"
+    drawn as a red circle and a blue circle. A denser RL reward than score's 0/1 (grpo.py)."""
+    parts = judge(requirement, objects)
+    return sum(met for met, _ in parts) / len(parts)
 
 
 def evaluate(prompts, images) -> dict:

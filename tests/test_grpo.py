@@ -33,6 +33,20 @@ def test_reward_is_one_on_the_scene_a_caption_describes_and_zero_on_a_blank_or_w
     assert grpo.geneval_reward([captions[1]], [[images[0][0]]]).tolist() == [[0.0]]
 
 
+def test_parts_reward_gives_partial_credit_where_the_rule_gives_zero():
+    caption = "a red circle below a blue square"
+    drawn = [(("square", "blue"), ("circle", "red")), (("circle", "red"), ("square", "blue")),
+             (("circle", "blue"), ("circle", "red")), (("circle", "blue"), ("square", "red"))]
+    images = [[np.asarray(shapes.render_shapes([dict(shape=s, color=c, center=[0.5, y], size=0.25)
+                                                for (s, c), y in zip(pair, (0.25, 0.75))], 64))
+               for pair in drawn]]
+    assert grpo.geneval_reward([caption], images).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    parts = grpo.geneval_reward([caption], images, parts=True)
+    np.testing.assert_allclose(parts, [[1.0, 2 / 3, 1 / 3, 0.0]])
+    reward = grpo.REWARDS["geneval-nano-parts"](None, "cpu")
+    np.testing.assert_array_equal(reward([caption], images), parts)
+
+
 def test_draw_captions_covers_the_drawable_categories_and_never_the_held_out_captions():
     exclude = shapes.held_out()
     assert {p["caption"] for p in shapes.prompt_set()} < exclude

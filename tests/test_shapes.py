@@ -454,3 +454,26 @@ def test_evaluate_averages_images_per_category_then_categories():
     assert result["overall"] == pytest.approx((0.75 + 0.2) / 2)
     verdict = result["prompts"][0]["images"][1]
     assert not verdict["correct"] and verdict["objects"] == [] and "found 0" in verdict["reason"]
+
+
+def test_credit_is_the_share_of_parts_met_and_one_exactly_where_score_passes():
+    caption = "a red circle below a blue square"  # parts: red circle, blue square, the relation
+    requirement = shapes.parse_caption(caption)
+
+    def drawn(top, bottom):  # (shape, colour) above and below
+        spec = [dict(shape=s, color=c, center=[0.5, y], size=0.25)
+                for (s, c), y in ((top, 0.25), (bottom, 0.75))]
+        return shapes.detect(shapes.render_shapes(spec, 64))
+
+    cases = {  # drawn: the share met
+        (("square", "blue"), ("circle", "red")): 1.0,
+        (("circle", "red"), ("square", "blue")): 2 / 3,  # both objects, the sides swapped
+        (("circle", "blue"), ("circle", "red")): 1 / 3,  # the square drawn as a circle
+        (("circle", "blue"), ("square", "red")): 0.0,  # the shapes swapped
+    }
+    for (top, bottom), share in cases.items():
+        objects = drawn(top, bottom)
+        assert shapes.credit(requirement, objects) == pytest.approx(share), (top, bottom)
+        assert shapes.score(requirement, objects)[0] == (share == 1.0)
+    # objects missing: their relation is not met either
+    assert shapes.judge(requirement, [])[-1][0] is False
