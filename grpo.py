@@ -46,7 +46,8 @@ Rewards (--reward name[=weight] ...): a reward is one function of (captions [P],
     (shapes.prompt_set()) nor the validation set's.
   * geneval-nano-parts: the same judge's partial credit, the fraction of the caption's objects and
     relation the image gets right (shapes.credit): a group whose images all fail still ranks the
-    one that drew both objects above the one that drew one.
+    one that drew both objects above the one that drew one. A caption of one part (single objects,
+    counting, colours) gets the 0/1 reward.
   * clip: SimpleAR's: the cosine of the L2-normalised CLIP embeddings (open_clip ViT-H-14, LAION-2B)
     of the image, bilinearly resized to 224 (clip.preprocess "simplear"), and of "A photo of
     {caption}". SimpleAR strips its prompt with str.strip("<|t2i|>"), which removes characters, not
@@ -569,13 +570,14 @@ def grpo(args, rank, world, device):
         if args.logprob == "guided":
             check_guided(settings, vq.codebook_size)
         captions_file = read_captions(args.prompts) if args.prompts else None
-        if captions_file and "geneval-nano" in weights:
+        judged = [n for n in weights if n.startswith("geneval-nano")]
+        if captions_file and judged:
             for c in captions_file:
                 try:
                     shapes.parse_caption(c)
                 except ValueError:
                     raise ValueError(f"--prompts {args.prompts}: {c!r} is not a shapes-world "
-                                     "caption, which --reward geneval-nano needs") from None
+                                     f"caption, which --reward {judged[0]} needs") from None
         state = None
         if resume:
             state = torch.load(os.path.join(resume, "trainer.pt"), map_location="cpu",
@@ -680,7 +682,8 @@ def grpo(args, rank, world, device):
             record["kl"] = round(kl, 6)
         if categories:
             record["categories"] = {}
-            # which kinds of caption the model gets right, step by step
+            # which kinds of caption the model gets right, step by step (the mean reward:
+            # with geneval-nano-parts, the mean credit)
             for c in dict.fromkeys(args.categories):
                 hits = [rewards[i].mean() for i, k in enumerate(categories) if k == c]
                 if hits:

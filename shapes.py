@@ -415,7 +415,7 @@ def score(requirement, objects):
 
 def credit(requirement, objects) -> float:
     """The fraction of the requirement's parts (judge) an image meets: 1.0 exactly where score
-    passes, and between 0 and 1 where it fails, e.g. 1/3 for "a red circle below a blue square"
+    passes, in [0, 1) where it fails, e.g. 1/3 for "a red circle below a blue square"
     drawn as a red circle and a blue circle. A denser RL reward than score's 0/1 (grpo.py)."""
     parts = judge(requirement, objects)
     return sum(met for met, _ in parts) / len(parts)

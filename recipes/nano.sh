@@ -45,7 +45,7 @@ LM_CONFIG=${LM_CONFIG:-nano}
 # train.py's --dtype auto trains under bf16 autocast where the CPU computes bf16 natively (AVX512-BF16,
 # AMX): 1.6x float32's tokens/s on a 2-core EPYC, which buys 9,600 steps in the time 6,000 took. A CPU
 # without bf16 trains in float32: 79-104 min in all on two AVX2-only EPYCs with 100 RL steps, ~11 more with
-# 200; a slower third took 96 min with 200 and a copied tokenizer (or LM_STEPS=6000).
+# 200 (or LM_STEPS=6000); a slower third took 96 min with 200, not counting the tokenizer (copied).
 LM_STEPS=${LM_STEPS:-9600}
 LM_BATCH=${LM_BATCH:-16}
 RL_STEPS=${RL_STEPS:-200}
