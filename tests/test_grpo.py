@@ -212,6 +212,8 @@ def test_run_writes_checkpoints_and_resumed_equals_uninterrupted(tiny, tmp_path,
                                          (["--prompts", "/nope.txt"], "no such file"),
                                          (["--prompts", "EMPTY"], "no usable caption"),
                                          (["--prompts", "CATS"], "not a shapes-world caption"),
+                                         (["--prompts", "CATS", "--reward", "geneval-nano-parts"],
+                                          "--reward geneval-nano-parts needs"),
                                          (["--logprob", "guided"], "top-k"),
                                          (["--warmup-ratio", "1"], "--warmup-ratio")])
 def test_cli_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, flags, word):
