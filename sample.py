@@ -132,8 +132,9 @@ class Sampling:
         repetition_penalty: SimpleAR's published numbers used the file's 1.1 (Qwen2.5-Instruct's).
         guidance_scale (transformers' name) and negative_prompt (ours): a model trained from scratch
         may want its own, e.g. the nano model, which saw only the dropped caption as its
-        unconditional input. image_top_k (ours), not top_k: Qwen2.5-Instruct's file has top_k 20
-        for chat, which SimpleAR never applied. ValueError naming the file for a value it refuses.
+        unconditional input. image_top_k and image_temperature (ours), not top_k and temperature:
+        Qwen2.5-Instruct's file has top_k 20 and temperature 0.7 for chat, which SimpleAR never
+        applied. ValueError naming the file for a value it refuses.
         """
         path = os.path.join(ckpt_dir, "generation_config.json")
         gen = {}
@@ -144,7 +145,8 @@ class Sampling:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path} is not valid JSON: {e}") from None
         keys = dict(guidance_scale="guidance_scale", negative_prompt="negative_prompt",
-                    top_k="image_top_k", repetition_penalty="repetition_penalty")
+                    temperature="image_temperature", top_k="image_top_k",
+                    repetition_penalty="repetition_penalty")
         found = {field: gen.get(key) for field, key in keys.items()}
         try:
             settings = cls().replace(**found)
@@ -564,7 +566,7 @@ def add_sampling_args(p):
                    help="text of the unconditional branch (default: negative_prompt, "
                    "else SimpleAR's)")
     g.add_argument("--temperature", type=float, default=None,
-                   help=f"(default: {Sampling.temperature})")
+                   help=f"(default: image_temperature, else {Sampling.temperature})")
     g.add_argument("--top-k", type=int, default=None,
                    help="1 = greedy; >= codebook size = off (default: image_top_k, else off)")
     g.add_argument("--top-p", type=float, default=None, help=f"(default: {Sampling.top_p})")

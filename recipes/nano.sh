@@ -100,16 +100,17 @@ stage lm $PY train.py --config "$LM_CONFIG" --tokenizer "$WORK/data/tokenizer" -
 LM="$WORK/lm/$(cat "$WORK/lm/latest")"
 # sample.py, eval.py and grpo.py take their default sampling settings from here: no repetition penalty (SimpleAR
 # ships 1.1), guidance 2 against the caption-dropout sequence the model trained on (SimpleAR's negative text is
-# foreign to it), the 10 likeliest codes (GenEval-nano at seed 100, n 8: 0.758, 0.696 without; cfg 3: 0.638)
-echo '{"repetition_penalty": 1.0, "guidance_scale": 2.0, "negative_prompt": "", "image_top_k": 10, "do_sample": true}' \
-  > "$LM/generation_config.json"
+# foreign to it), the 10 likeliest codes, temperature 0.7 (chosen on the validation prompts: recipes/nano.md)
+echo '{"repetition_penalty": 1.0, "guidance_scale": 2.0, "negative_prompt": "", "image_top_k": 10,
+  "image_temperature": 0.7, "do_sample": true}' > "$LM/generation_config.json"
 # lr 1e-4 where SimpleAR's 0.5B takes 1e-6 (a tiny model from scratch), decaying by a cosine to 1e-5 as
 # SimpleAR's does: held at 1e-4 for 200 steps, GenEval-nano peaked at 125-150 and the reward fell apart after
 # ~160 at seeds 1 and 2; no KL term (TRL's default today), which saves the reference model's forward pass; the
-# categories the LM gets wrong most often are drawn more often
+# categories the LM gets wrong most often are drawn more often; rollouts at temperature 1, as SimpleAR's are:
+# a group's images must differ for their rewards to
 stage rl $PY grpo.py --ckpt "$LM" --vq "$WORK/vq" --out "$WORK/rl" --steps "$RL_STEPS" \
   --prompts-per-step "$RL_PROMPTS" --group "$RL_GROUP" --lr 1e-4 --schedule cosine --min-lr-ratio 0.1 --beta 0 \
-  --categories $RL_CATEGORIES --seed "$SEED" --no-progress
+  --temperature 1.0 --categories $RL_CATEGORIES --seed "$SEED" --no-progress
 
 ship() {
   local rl="$WORK/rl/$(cat "$WORK/rl/latest")" tmp="$OUT.tmp$$"

@@ -286,9 +286,11 @@ def test_sampling_defaults_from_generation_config(ckpts, tmp_path):
     assert Sampling().negative_prompt == NEGATIVE_PROMPT and Sampling().guidance_scale == 6.0
     # a BOM, too
     with open(os.path.join(plain, "generation_config.json"), "w", encoding="utf-8-sig") as f:
-        json.dump({"guidance_scale": 2, "negative_prompt": "", "top_k": 20, "image_top_k": 10}, f)
+        # the chat settings of Qwen2.5-Instruct's file (top_k, temperature) are not the image's
+        json.dump({"guidance_scale": 2, "negative_prompt": "", "top_k": 20, "image_top_k": 10,
+                   "temperature": 0.7, "image_temperature": 0.8}, f)
     assert Sampling.from_checkpoint(plain) == Sampling(guidance_scale=2.0, negative_prompt="",
-                                                       top_k=10)
+                                                       top_k=10, temperature=0.8)
     assert Sampling.from_checkpoint(plain, top_k=None, temperature=0.5) == Sampling(
         guidance_scale=2.0, negative_prompt="", top_k=10, temperature=0.5)  # None: not given
 
@@ -343,6 +345,7 @@ def test_bad_generation_config_is_named_before_the_weights_load(ckpts, tmp_path,
     for content, match in (('{"guidance_scale": true}', "guidance scale must be a finite number"),
                            ('{"repetition_penalty": "abc"}',
                             "repetition penalty must be a finite number"),
+                           ('{"image_temperature": 0}', "temperature must be > 0"),
                            ("{not json", "is not valid JSON")):
         (bad / "generation_config.json").write_text(content)
         with pytest.raises(SystemExit) as e:
