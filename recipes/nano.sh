@@ -106,8 +106,8 @@ echo '{"repetition_penalty": 1.0, "guidance_scale": 2.0, "negative_prompt": "", 
 # lr 1e-4 where SimpleAR's 0.5B takes 1e-6 (a tiny model from scratch), decaying by a cosine to 1e-5 as
 # SimpleAR's does: held at 1e-4 for 200 steps, GenEval-nano peaked at 125-150 and the reward fell apart after
 # ~160 at seeds 1 and 2; no KL term (TRL's default today), which saves the reference model's forward pass; the
-# categories the LM gets wrong most often are drawn more often; rollouts at temperature 1, as SimpleAR's are:
-# a group's images must differ for their rewards to
+# categories the LM gets wrong most often are drawn more often; rollouts at temperature 1 (SimpleAR's), not the
+# 0.7 the file above sets for sampling: the temperature the stage was tuned at, and more varied groups
 stage rl $PY grpo.py --ckpt "$LM" --vq "$WORK/vq" --out "$WORK/rl" --steps "$RL_STEPS" \
   --prompts-per-step "$RL_PROMPTS" --group "$RL_GROUP" --lr 1e-4 --schedule cosine --min-lr-ratio 0.1 --beta 0 \
   --temperature 1.0 --categories $RL_CATEGORIES --seed "$SEED" --no-progress
