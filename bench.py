@@ -687,7 +687,8 @@ def bench_jacobi(a):
                ("left init, no coupling", dict(init="left", coupling=False)),
                ("above init, no coupling", dict(init="above", coupling=False)),
                ("random init, coupling", dict(init="random")),
-               ("above init, coupling (default)", dict())]
+               ("above init, coupling", dict(init="above")),
+               ("left init, coupling (default)", dict())]
     side = vq.config.resolution // vq.spatial_compression
     tokens = side * side
     print(f"nano model, {len(prompts)} prompts x {a.n} images, {tokens} tokens each, "

@@ -30,8 +30,9 @@ What this file does beyond SJD's published form, each an option:
   with probability min(1, p/q), else redrawn from norm(max(0, p - q)): the maximal coupling of
   SJD-PAC's adaptive continuation (arXiv 2603.18599) and of SCD (arXiv 2510.24211). Still a draw
   from p, and drafts that were right stay put;
-* spatial initial drafts: the token above (raster index - grid width, ZipAR's neighbour), the left
-  neighbour (SJD's "repeat horizon"), or a random code (SJD's default).
+* spatial initial drafts: the left neighbour (default; SJD's "repeat horizon"), the token above
+  (raster index - grid width, ZipAR's neighbour), or a random code (SJD's default). With coupling,
+  left and above tie at temperature 1; at the shipped model's 0.7 left takes 2% fewer forwards.
 
 p is the sampling pipeline of sample.py (repetition penalty over the prefix each slot assumes,
 guidance, temperature, top-k, top-p), in float32. Randomness: image i reads its own stream of
@@ -46,7 +47,7 @@ from tqdm import tqdm
 import sample
 from sample import Sampling, guided_scores, invert_cdf
 
-INITS = ("above", "left", "random")
+INITS = ("left", "above", "random")
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Jacobi:
     coupling instead of redrawing them. Raises ValueError naming a bad option."""
 
     window: int = 16
-    init: str = "above"
+    init: str = "left"
     coupling: bool = True
 
     def __post_init__(self):

@@ -39,7 +39,7 @@ def lm():
 
 
 @pytest.mark.parametrize("window", [1, 2, 4, 16, 40])
-@pytest.mark.parametrize("options", [dict(init="above"), dict(init="left", coupling=False),
+@pytest.mark.parametrize("options", [dict(), dict(init="above"), dict(init="left", coupling=False),
                                      dict(init="random", coupling=True)])
 def test_greedy_equals_plain_decoding(lm, window, options):
     """top-k 1 makes every step an argmax: Jacobi must give plain decoding's codes, whatever the
