@@ -76,7 +76,8 @@ def test_rows_advance_independently_of_their_batch():
     assert min(len(set(row)) for row in together.tolist()) >= 5
 
 
-@pytest.mark.parametrize("speculative", [None, Jacobi(), Jacobi(5, "random")])
+@pytest.mark.parametrize("speculative", [None, Jacobi(), Jacobi(16, "above"),
+                                         Jacobi(5, "random")])
 def test_batch_independence_in_bf16(speculative):
     """In bf16 too (where a changed reduction order shows in the codes), an image's codes do not
     depend on its batch: prompts of other lengths, rows at other positions. Plain decoding and
