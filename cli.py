@@ -27,8 +27,24 @@ def warn(prog: str, message) -> None:
     sys.stderr.write(f"{prog}: warning: {' '.join(str(message).split())}\n")
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help appends "(default: X)" to a flag's help, unless the help already names its default
+    or there is none to name (None: the default is worked out later; False: a switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors (an unknown flag, a value of the wrong type) are one line, exit 2."""
+    """argparse whose errors (an unknown flag, a value of the wrong type) are one line, exit 2,
+    and whose --help names each flag's default once (DefaultsFormatter)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         fail(self.prog, message)

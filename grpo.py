@@ -66,7 +66,6 @@ beta = 0 skips the uninformative groups). Rank 0 logs and saves. A 2-process run
 step's randomness (captions, image seeds) derives from (--seed, step), so a resumed run repeats
 the uninterrupted one.
 """
-import argparse
 import copy
 import functools
 import json
@@ -105,8 +104,7 @@ PRESETS = {
 
 
 def get_parser():
-    p = Parser(prog=PROG, description="GRPO of a SimpleAR checkpoint",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog=PROG, description="GRPO of a SimpleAR checkpoint")
     p.add_argument("--preset", choices=list(PRESETS), default="none",
                    help="a recipe's settings (none: the defaults below); flags given on the "
                    "command line override them")

@@ -90,7 +90,8 @@ def add_args(p):
     g.add_argument("--jacobi", action="store_true",
                    help="decode several tokens per forward, with the same distribution")
     g.add_argument("--window", type=int, default=None,
-                   help=f"positions per forward (default {Jacobi.window})")
+                   help=f"positions per forward, clipped to the image's tokens "
+                   f"(default {Jacobi.window})")
     g.add_argument("--draft-init", choices=INITS, default=None,
                    help=f"initial draft of a new position (default {Jacobi.init})")
     g.add_argument("--no-coupling", action="store_true",
@@ -109,7 +110,10 @@ def from_args(args) -> "Jacobi | None":
             raise ValueError(f"{given[0]} applies to Jacobi decoding only: add --jacobi")
         return None
     if getattr(args, "compile", False):
-        raise ValueError("--compile compiles the one-token step, which --jacobi does not run")
+        raise ValueError("--compile compiles the one-token step, which --jacobi does not run: "
+                         "drop one of them")
+    if args.window is not None and args.window < 1:
+        raise ValueError(f"--window must be >= 1, got {args.window}")
     coupling = False if args.no_coupling else None
     options = dict(window=args.window, init=args.draft_init, coupling=coupling)
     return Jacobi(**{k: v for k, v in options.items() if v is not None})

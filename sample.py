@@ -30,7 +30,6 @@ The conditional rows and the unconditional (negative prompt) rows run as one bat
 fused KV cache of model.py: rows [cond_1..cond_N, uncond_1..uncond_N]. Each distinct prompt and
 the negative prompt are prefilled once and copied into the rows that share them.
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -638,8 +637,7 @@ def prepare_out(out):
 
 
 def parse_args(argv=None):
-    p = Parser(prog="sample.py", description="SimpleAR text-to-image: PNGs from prompts.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="sample.py", description="SimpleAR text-to-image: PNGs from prompts.")
     p.add_argument("--prompt", action="append", help="a prompt; repeat for several")
     p.add_argument("--prompts-file", help="a text file, one prompt per line")
     p.add_argument("--ckpt", default=DEFAULT_CKPT,
@@ -685,8 +683,9 @@ def run(args):
     written = save_outputs(samples, prompts, args.seed, args.out, args.grid, args.save_codes)
     tokens = samples.codes.numel()
     per_image = tokens // len(written)
-    print(f"wrote {len(written)} images to {args.out}")
-    print(f"{len(written)} images, {tokens} tokens in {samples.lm_seconds:.1f} s LM "
+    images = f"{len(written)} image" + ("s" if len(written) != 1 else "")
+    print(f"wrote {images} to {args.out}")
+    print(f"{images}, {tokens} tokens in {samples.lm_seconds:.1f} s LM "
           f"({tokens / samples.lm_seconds:.0f} tok/s) + {samples.decoder_seconds:.1f} s decoder; "
           f"{np.mean(samples.forwards):.1f} forwards per image (plain decoding: {per_image})")
 

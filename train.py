@@ -45,7 +45,6 @@ trainer.pt holds what an exact resume needs: optimizer, scheduler, step, RNG sta
 args. A checkpoint is written under a temporary name and renamed, and `latest` moves only
 afterwards, so a run killed mid-save leaves the previous checkpoint as the one --resume finds.
 """
-import argparse
 import json
 import math
 import os
@@ -90,8 +89,7 @@ def flag(name: str) -> str:
 
 
 def get_parser():
-    p = Parser(prog=PROG, description="SimpleAR pretraining / SFT",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog=PROG, description="SimpleAR pretraining / SFT")
     g = p.add_argument_group("model")
     g.add_argument("--init", help="Hugging Face checkpoint directory to start from: Qwen2 (the "
                                   "vocabulary is extended SimpleAR's way) or SimpleAR. Exactly one "

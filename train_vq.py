@@ -26,7 +26,6 @@ from_pretrained), {out}/log.jsonl (a line per --log-every steps: step, loss, lr)
 the held-out PSNR in {out}/psnr.json, measured like cosmos_tokenizer.py's CLI: uint8 in, uint8 out
 (cosmos_tokenizer.psnr).
 """
-import argparse
 import json
 import math
 import os
@@ -45,8 +44,7 @@ PROG = "train_vq.py"
 
 
 def get_parser():
-    p = Parser(prog=PROG, description="Train a small Cosmos tokenizer on the shapes.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog=PROG, description="Train a small Cosmos tokenizer on the shapes.")
     p.add_argument("--config", default="nano",
                    help=f"cosmos_tokenizer.py preset: {', '.join(PRESETS)}")
     p.add_argument("--levels", type=int, nargs="+",

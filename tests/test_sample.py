@@ -314,10 +314,11 @@ def test_sampling_defaults_from_generation_config(ckpts, tmp_path):
     (["--prompt", "a cat", "--size", "2912"],
      "positions, more than the model's max_position_embeddings (32768)"),
     (["--prompts-file", "/nonexistent/prompts.txt"], "prompts file not found"),
-    (["--prompt", "a cat", "--jacobi", "--window", "0"], "window must be an integer >= 1"),
+    (["--prompt", "a cat", "--jacobi", "--window", "0"], "--window must be >= 1, got 0"),
+    (["--prompt", "a cat", "--jacobi", "--window", "-3"], "--window must be >= 1, got -3"),
     (["--prompt", "a cat", "--window", "8"], "--window applies to Jacobi decoding only"),
     (["--prompt", "a cat", "--no-coupling"], "--no-coupling applies to Jacobi decoding only"),
-    (["--prompt", "a cat", "--jacobi", "--compile"], "--compile compiles the one-token step"),
+    (["--prompt", "a cat", "--jacobi", "--compile"], "--jacobi does not run: drop one of them"),
     (["--prompt", "a cat", "--batch-size", "0"], "batch size (0) must be >= 1"),
     (["--prompt", "a cat", "--seed", str(2 ** 64)], "seed must be in [0, 2^63 - n]"),
     (["--prompt", "a cat", "--seed", "-1"], "seed must be in"),
@@ -333,6 +334,18 @@ def test_bad_input_exits_2_with_one_line(ckpts, capsys, args, match):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and match in err and "Traceback" not in err
+
+
+def test_help_names_each_default_once(capsys):
+    """--help adds argparse's "(default: X)" only where the help does not name the default itself
+    and there is one to name: no "(default: None)" beside "(default 16)"."""
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in out and "(default: False)" not in out
+    assert "(default 16)" in out and out.count("(default: 4)") == 1  # --window; --n
+    assert "(default: image_temperature, else 1.0)" in out
 
 
 def test_bad_generation_config_is_named_before_the_weights_load(ckpts, tmp_path, capsys,
