@@ -112,8 +112,6 @@ def from_args(args) -> "Jacobi | None":
     if getattr(args, "compile", False):
         raise ValueError("--compile compiles the one-token step, which --jacobi does not run: "
                          "drop one of them")
-    if args.window is not None and args.window < 1:
-        raise ValueError(f"--window must be >= 1, got {args.window}")
     coupling = False if args.no_coupling else None
     options = dict(window=args.window, init=args.draft_init, coupling=coupling)
     return Jacobi(**{k: v for k, v in options.items() if v is not None})
