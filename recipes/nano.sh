@@ -65,8 +65,9 @@ SEED=${SEED:-0}  # the LM's scenes, every init and order, the RL draws (the toke
                  # the benchmark stay)
 CAPTION_ORDER=${CAPTION_ORDER:-raster}  # or raster-lr: left-right relations' captions too
                                         # (shapes.py)
-CATEGORIES="single_object colors two_object two_object counting counting"
-CATEGORIES+=" position position color_attr color_attr"
+LM_MIX="single_object colors two_object two_object counting counting"
+LM_MIX+=" position position color_attr color_attr"
+CATEGORIES=${CATEGORIES:-$LM_MIX}  # stage 1's scene categories, a name per share
 RL_MIX="two_object counting counting position position position color_attr color_attr"
 RL_CATEGORIES=${RL_CATEGORIES:-$RL_MIX}
 
