@@ -67,7 +67,7 @@ CAPTION_ORDER=${CAPTION_ORDER:-raster}  # or raster-lr: left-right relations' ca
                                         # (shapes.py)
 LM_MIX="single_object colors two_object two_object counting counting"
 LM_MIX+=" position position color_attr color_attr"
-CATEGORIES=${CATEGORIES:-$LM_MIX}  # stage 1's scene categories, a name per share
+CATEGORIES=${CATEGORIES:-$LM_MIX}  # stage 1's scene mix: shapes.CATEGORIES names, one per share
 RL_MIX="two_object counting counting position position position color_attr color_attr"
 RL_CATEGORIES=${RL_CATEGORIES:-$RL_MIX}
 
