@@ -318,6 +318,25 @@ def test_dtype_choice_follows_the_hardware(monkeypatch):
 
 
 @torch.no_grad()
+def test_linear_decode_rows_match_f_linear_with_either_kernel(monkeypatch):
+    """model.linear's float32 decode-row path (W @ x.T, taken where this CPU's probe says it is
+    faster) and F.linear give the same rows, with and without bias, at every row count."""
+    import torch.nn.functional as F
+
+    import model
+    assert isinstance(model.rows_first_faster(), bool)
+    w, b = torch.randn(300, 64), torch.randn(300)
+    for faster in (True, False):
+        monkeypatch.setattr(model, "rows_first_faster", lambda: faster)
+        for rows in (1, 2, 8, 9):
+            x = torch.randn(1, rows, 64)
+            for bias in (None, b):
+                got = model.linear(x, w, bias)
+                assert got.shape == (1, rows, 300)
+                torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_prepared_decoding_kernels_match_the_plain_path(tiny):
     """prepare_decoding's packed bf16 weights (on CPU) give the plain bf16 logits; int8 weights stay
     close to the float ones and pick the same greedy code for nearly every row. Gradients never see
