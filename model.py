@@ -178,6 +178,7 @@ def linear(x, w, b=None, packed=None):
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b, "none", [], "")
     rows = x.numel() // x.shape[-1]
+    # a compiled graph leaves the kernel to inductor (and cannot trace the probe's timing)
     if (rows > 8 or x.device.type != "cpu" or w.dtype != torch.float32
             or torch.compiler.is_compiling() or not rows_first_faster()):
         return F.linear(x, w, b)
