@@ -23,10 +23,8 @@ Attention spans a multiple of KV_GRAIN columns: a row's keys always sit at the s
 the columns past its own are masked, so its results do not depend on its batch in any dtype (the
 kernels' reductions group keys by column, not by how many other rows happen to hold).
 """
-import functools
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,23 +143,24 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-@functools.cache
-def rows_first_faster() -> bool:
-    """Whether W @ x.T reads float32 weights for 2 rows clearly (1.3x) faster than F.linear on this
-    CPU, measured once per process on a 16 MB weight (a few ms). It is on the EPYCs this was
-    tuned on (31 GB/s against 10 with AVX512-BF16; 12 against 5 AVX2-only), and 2x slower on a
-    2-core AMX Xeon (13 GB/s against 27)."""
-    w, x = torch.randn(4096, 1024), torch.randn(2, 1024)
+def cpu_vendor() -> str:
+    """The CPU's vendor id ("AuthenticAMD", "GenuineIntel", ...), or "" where /proc/cpuinfo is
+    absent."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
-    def best(f):
-        times = []
-        for _ in range(4):
-            t0 = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t0)
-        return min(times[1:])  # the first warms up
-    with torch.no_grad():
-        return best(lambda: F.linear(x, w)) > 1.3 * best(lambda: w @ x.t())
+
+# float32 decode rows take W @ x.T on AMD CPUs, where MKL's x @ W.T reads weights at a third of
+# the bandwidth (10 GB/s against 31 on an AVX512-BF16 EPYC, 5 against 12 on an AVX2-only one),
+# and F.linear elsewhere: on a 2-core AMX Xeon W @ x.T is the slow one (13 GB/s against 27). A
+# fixed rule, not a timing, so that every process on a machine computes the same numbers.
+ROWS_FIRST = cpu_vendor() == "AuthenticAMD"
 
 
 def linear(x, w, b=None, packed=None):
@@ -171,16 +170,13 @@ def linear(x, w, b=None, packed=None):
       (onednn_bf16_packing). F.linear reorders the weight into that layout on every call; packed
       once, a 2-row decode step reads bf16 weights at 22 GB/s instead of 17 on an AVX512-BF16 EPYC,
       for the same row-wise results at any row count.
-    * float32 with 2-8 rows: W @ x.T where this CPU reads weights faster that way
-      (`rows_first_faster`): MKL's x @ W.T reads W at a third of the memory bandwidth for so few
-      rows on the EPYCs, and at full speed on an AMX Xeon. In bf16 it is the slow one.
+    * float32 with 1-8 rows on CPUs where it reads weights faster (`ROWS_FIRST`): W @ x.T. In
+      bf16, W @ x.T is the slower one, hence float32 only.
     """
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b, "none", [], "")
     rows = x.numel() // x.shape[-1]
-    # a compiled graph leaves the kernel to inductor (and cannot trace the probe's timing)
-    if (rows > 8 or x.device.type != "cpu" or w.dtype != torch.float32
-            or torch.compiler.is_compiling() or not rows_first_faster()):
+    if rows > 8 or x.device.type != "cpu" or w.dtype != torch.float32 or not ROWS_FIRST:
         return F.linear(x, w, b)
     y = (w @ x.reshape(rows, -1).contiguous().t()).t()
     if b is not None:
