@@ -143,16 +143,20 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor id ("AuthenticAMD", "GenuineIntel", ...), or "" where /proc/cpuinfo is
-    absent."""
+def cpuinfo() -> str:
+    """The text of /proc/cpuinfo, or "" where there is none (not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+            return f.read()
     except OSError:
-        pass
+        return ""
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id ("AuthenticAMD", "GenuineIntel", ...), or "" where it is not known."""
+    for line in cpuinfo().splitlines():
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[1].strip()
     return ""
 
 
@@ -294,11 +298,7 @@ def cpu_bf16_native() -> bool:
     try:
         caps = torch._C._cpu._get_cpu_capability()  # what PyTorch's own kernels dispatch on
     except AttributeError:  # an older or newer torch: ask the kernel instead
-        try:
-            with open("/proc/cpuinfo") as f:
-                caps = dict.fromkeys(f.read().split(), True)
-        except OSError:
-            return False
+        caps = dict.fromkeys(cpuinfo().split(), True)
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
