@@ -39,6 +39,7 @@ p is the sampling pipeline of sample.py (repetition penalty over the prefix each
 guidance, temperature, top-k, top-p), in float32. Randomness: image i reads its own stream of
 uniforms, drawn up front from torch.Generator().manual_seed(seeds[i]), a fixed number per forward.
 """
+import argparse
 from dataclasses import dataclass, field
 
 import torch
@@ -56,17 +57,25 @@ class Jacobi:
     """The decoder's options. window: positions per forward (the last committed token + window - 1
     drafts), >= 1 (1 is plain decoding); a window longer than an image is clipped to it. init: the
     initial draft of a new position, one of INITS. coupling: keep unreached drafts by maximal
-    coupling instead of redrawing them. Raises ValueError naming a bad option."""
+    coupling instead of redrawing them. branches: candidates per node at the window's first
+    levels, a tree (see Tree; () is SJD's chain). Raises ValueError naming a bad option."""
 
     window: int = 16
     init: str = "left"
     coupling: bool = True
+    branches: tuple = ()
 
     def __post_init__(self):
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
         if self.init not in INITS:
             raise ValueError(f"draft init must be one of {', '.join(INITS)}, got {self.init!r}")
+        try:
+            object.__setattr__(self, "branches", tuple(self.branches))
+        except TypeError:
+            raise ValueError(f"branches must be a sequence of integers, got {self.branches!r}")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.branches):
+            raise ValueError(f"branches must be integers >= 1, got {self.branches!r}")
 
 
 @dataclass
@@ -96,6 +105,9 @@ def add_args(p):
                    help=f"initial draft of a new position (default {Jacobi.init})")
     g.add_argument("--no-coupling", action="store_true",
                    help="redraw unreached drafts independently (SJD)")
+    g.add_argument("--branches", type=branch_list, default=None, metavar="K1,K2,...",
+                   help="candidates per node at the window's first levels, a tree (SJD-PAC's "
+                   "proactive drafting; default: a chain, as SJD)")
 
 
 def from_args(args) -> "Jacobi | None":
@@ -103,7 +115,7 @@ def from_args(args) -> "Jacobi | None":
     bad or cannot apply (a Jacobi option without --jacobi; --jacobi with --compile, which compiles
     the one-token step)."""
     flags = (("--window", args.window), ("--draft-init", args.draft_init),
-             ("--no-coupling", args.no_coupling or None))
+             ("--no-coupling", args.no_coupling or None), ("--branches", args.branches))
     given = [name for name, value in flags if value is not None]
     if not args.jacobi:
         if given:
@@ -113,8 +125,20 @@ def from_args(args) -> "Jacobi | None":
         raise ValueError("--compile compiles the one-token step, which --jacobi does not run: "
                          "drop one of them")
     coupling = False if args.no_coupling else None
-    options = dict(window=args.window, init=args.draft_init, coupling=coupling)
+    options = dict(window=args.window, init=args.draft_init, coupling=coupling,
+                   branches=args.branches)
     return Jacobi(**{k: v for k, v in options.items() if v is not None})
+
+
+def branch_list(text):
+    """--branches' value: "3,2" → (3, 2), each >= 1."""
+    try:
+        branches = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        branches = ()
+    if not branches or min(branches) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1 separated by commas, got {text!r}")
+    return branches
 
 
 def take(x, idx):
@@ -154,14 +178,17 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
     device = model.embed_tokens.weight.device
     N, K = len(prompts), codebook_size
     W = min(jacobi.window, n_tokens)
+    J = W - 1  # drafted positions ahead of the last committed token
+    tree = Tree(W, jacobi.branches, device)
     width = width or max(1, round(n_tokens ** 0.5))
     vocab = (first_id, first_id + K)
     logits, ends = sample.prefill(model, prompts, negative, vocab, n_tokens + W, sampling)
     top = int(ends.max())
-    branches = logits.shape[0] // N
-    # image i's uniforms, 5W per forward: W-1 acceptances, W-1 residual draws, 1 last draw,
-    # W-1 keeps and W-1 draws of the tail, W-1 initial drafts
-    per = 5 * W
+    cfg_rows = logits.shape[0] // N  # rows per image: 2 with guidance
+    # image i's uniforms, 6W per forward: per window node its acceptance, its residual (or last)
+    # draw and its draw as an extra candidate; per drafted position its keep, its draw and its
+    # initial draft
+    per = 6 * W
     stream = sample.uniforms(seeds, per * n_tokens + 1, device)
     roles = torch.arange(per, device=device)
     images = torch.arange(N, device=device)
@@ -172,8 +199,8 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
     seen[images, codes[:, 0]] = True
     n = torch.ones(N, dtype=torch.long, device=device)  # tokens committed, per image
     forwards = torch.ones(N, dtype=torch.long, device=device)  # the prefill counts
-    drafts = torch.zeros(N, W - 1, dtype=torch.long, device=device)  # positions n .. n+W-2
-    q = torch.zeros(N, W - 1, K, device=device)  # the distribution each draft was drawn from
+    drafts = torch.zeros(N, J, dtype=torch.long, device=device)  # positions n .. n+W-2
+    q = torch.zeros(N, J, K, device=device)  # the distribution each draft was drawn from
     known = torch.zeros(N, dtype=torch.long, device=device)  # leading drafts that are no guesses
     committed = []
     bar = tqdm(total=N * n_tokens, initial=N, desc="tokens", disable=not progress, leave=False)
@@ -182,48 +209,57 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
         if not bool(active.any()):  # host syncs: this, kv_len below, the stats
             break
         u = stream.gather(1, (forwards[:, None] - 1) * per + roles)
-        u_accept, u_residual = u[:, :W - 1], u[:, W - 1:2 * W - 2]
-        u_last, u_keep = u[:, 2 * W - 2], u[:, 2 * W - 1:3 * W - 2]
-        u_tail, u_init = u[:, 3 * W - 2:4 * W - 3], u[:, 4 * W - 3:5 * W - 4]
+        u_accept, u_draw, u_extra = u[:, :W], u[:, W:2 * W], u[:, 2 * W:3 * W]
+        u_keep, u_tail, u_init = u[:, 3 * W:3 * W + J], u[:, 4 * W:4 * W + J], u[:, 5 * W:5 * W + J]
         # initial drafts (one-hot q) where the window reaches positions it had no draft for
-        fresh = slots[None, :-1] >= known[:, None]
+        fresh = slots[None, :J] >= known[:, None]
         guess = initial_drafts(codes, drafts, n, known, width, jacobi.init, u_init, K)
         drafts = torch.where(fresh, guess, drafts)
         q = torch.where(fresh[..., None], F.one_hot(drafts, K).to(q.dtype), q)
-        # the window: the last committed code, then the drafts, at each image's own cache columns
-        tokens = torch.cat([codes.gather(1, (n - 1)[:, None]), drafts], dim=1)
-        cols = ends[:, None] + (n[:, None] - 1 + slots).repeat(branches, 1)  # [R, W]
+        # the window: the last committed code, then each node's candidate, at consecutive columns
+        tokens, proposal, void = tree.candidates(codes.gather(1, (n - 1)[:, None]), drafts, q,
+                                                 u_extra)
+        cols = ends[:, None] + (n[:, None] - 1 + slots).repeat(cfg_rows, 1)  # [R, W]
         kv_len = top + int(n.max()) + W - 1  # the furthest row's last column, for eager attention
-        out = model(first_id + tokens.repeat(branches, 1), input_pos=cols, vocab=vocab,
-                    kv_len=kv_len)  # [R, W, K]
+        out = model(first_id + tokens.repeat(cfg_rows, 1), input_pos=cols, vocab=vocab,
+                    kv_len=kv_len, tree=tree.mask)  # [R, W, K]
         uncond = out[N:] if sampling.guided else None
-        assumed = window_seen(seen, drafts, sampling)
+        assumed = window_seen(seen, tokens, tree, sampling)
         p = torch.softmax(guided_scores(out[:N], uncond, assumed, sampling), dim=-1)  # [N, W, K]
-        # verify left to right: slot s's logits give position n + s, whose draft is drafts[:, s]
-        new, kept = couple(p[:, :-1], q, drafts, u_accept, u_residual)
-        a = kept.long().cumprod(1).sum(1)  # drafts accepted before the first rejection
-        # then one more: the residual draw at the rejected slot, or from p_{W-1} if all passed
-        after = torch.cat([new, invert_cdf(p[:, -1], u_last)[:, None]], dim=1)  # [N, W]
-        more = after.gather(1, a[:, None])[:, 0]
+        # node v's logits give the position after it; its children are tried there, in order
+        path, end, last = tree.verify(p, tokens, proposal, void, u_accept, u_draw)
+        a = (path >= 0).sum(1)  # candidates accepted along the path
         c = torch.minimum(a + 1, n_tokens - n) * active  # committed, clipped at the image's end
-        window = torch.cat([drafts, more[:, None]], dim=1)
-        window = window.scatter(1, a[:, None], more[:, None])
+        window = torch.zeros(N, W, dtype=torch.long, device=device)
+        window[:, :tree.depth] = tokens.gather(1, path.clamp(min=0))
+        window = window.scatter(1, a[:, None], last[:, None])
         keep = slots[None] < c[:, None]  # [N, W]
         at = n[:, None] + slots
         codes.scatter_(1, at, torch.where(keep, window, codes.gather(1, at)))
         seen |= torch.zeros(N, K, device=device).scatter_add_(1, window, keep.float()) > 0
-        # the next drafts: position n + c + s was slot c + s of this window (when c + s < W)
-        src = (c[:, None] + slots[:-1]).clamp(max=W - 1)
-        p_next = p.gather(1, src[..., None].expand(-1, -1, K))
+        if tree.mask is not None:  # the path's keys to the columns of their positions
+            depth = torch.arange(1, path.shape[1] + 1, device=device)
+            src = torch.where(path >= 0, path, depth)
+            base = (ends - 1)[:, None] + n.repeat(cfg_rows)[:, None]
+            model.cache.move(torch.arange(len(ends), device=device),
+                             base + src.repeat(cfg_rows, 1), base + depth)
+        # the next drafts: position n + c + s follows `end` down its first children (when it can)
+        below = tree.below[end]  # [N, J] node whose p is that position's, -1 past the tree
+        has = below >= 0
+        p_next = p.gather(1, below.clamp(min=0)[..., None].expand(-1, -1, K))
         sampled = draft_from(p_next, u_tail)
+        old = c[:, None] + slots[:J]  # that position's index among this forward's drafts
+        had = old < J
+        old = old.clamp(max=max(J - 1, 0))
+        q_old = q.gather(1, old[..., None].expand(-1, -1, K))
+        d_old = drafts.gather(1, old)
         if jacobi.coupling:  # an old draft is kept or moved by maximal coupling: a draw from p
-            old = src.clamp(max=W - 2)
-            q_old = q.gather(1, old[..., None].expand(-1, -1, K))
-            coupled, _ = couple(p_next, q_old, drafts.gather(1, old), u_keep, u_tail)
-            sampled = torch.where(src < W - 1, coupled, sampled)
-        drafts = torch.where(active[:, None], sampled, drafts)
-        q = torch.where(active[:, None, None], p_next, q)
-        known = torch.where(active, W - c, known)
+            coupled, _ = couple(p_next, q_old, d_old, u_keep, u_tail)
+            sampled = torch.where(had, coupled, sampled)
+        # where the tree gives no p, an old draft waits as it is (still a draw from its q)
+        drafts = torch.where(active[:, None], torch.where(has, sampled, d_old), drafts)
+        q = torch.where(active[:, None, None], torch.where(has[..., None], p_next, q_old), q)
+        known = torch.where(active, (has | had).long().cumprod(1).sum(1), known)
         n = n + c
         forwards = forwards + active.long()
         committed.append(c[active])
@@ -236,17 +272,136 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
     return codes[:, :n_tokens]
 
 
-def window_seen(seen, drafts, sampling):
-    """[N, W, K] bool: the codes slot s's repetition penalty sees, the committed ones and drafts
-    0..s-1 (the prefix that slot assumes), or seen [N, 1, K] when there is no penalty."""
+class Tree:
+    """The window's layout, fixed for a run: node 0 is the last committed token; under every node
+    of level L - 1 (breadth first) come branches[L - 1] candidates for position n - 1 + L, drawn
+    from that position's q without replacement, the first being its draft (SJD-PAC's proactive
+    drafting, arXiv 2603.18599); then a chain of drafts under the first node of the last level,
+    out to W nodes (a tree larger than W is cut, breadth first). No branches: SJD's chain."""
+
+    def __init__(self, W: int, branches: tuple, device):
+        parent, level, rank = [-1], [0], [0]
+        frontier = [0]
+        for k in branches:
+            frontier_next = []
+            for v in frontier:
+                for i in range(k):
+                    parent.append(v)
+                    level.append(level[v] + 1)
+                    rank.append(i)
+                    frontier_next.append(len(parent) - 1)
+            frontier = frontier_next
+        tip = frontier[0]
+        while len(parent) < W:
+            parent.append(tip)
+            level.append(level[tip] + 1)
+            rank.append(0)
+            tip = len(parent) - 1
+        parent, level, rank = parent[:W], level[:W], rank[:W]
+        self.level = torch.tensor(level, device=device)
+        self.depth = max(level)
+        ancestry = torch.zeros(W, W, dtype=torch.bool)
+        for t in range(W):
+            v = t
+            while v >= 0:
+                ancestry[t, v], v = True, parent[v]
+        self.ancestry = ancestry.to(device)
+        chain = level == list(range(W))
+        self.mask = None if chain else self.ancestry  # a chain is the plain causal window
+        kids = [[t for t in range(W) if parent[t] == v] for v in range(W)]
+        width = max(1, max(len(k) for k in kids))
+        self.children = torch.tensor([k + [-1] * (width - len(k)) for k in kids], device=device)
+        # the nodes whose p drafts the positions after a path ending at v: down v's first
+        # children, and where they end (a candidate off the first path), on along the first path
+        first = [0]
+        while kids[first[-1]]:
+            first.append(kids[first[-1]][0])
+        below = torch.full((W, max(W - 1, 0)), -1, dtype=torch.long)
+        for v in range(W):
+            u, s = v, 0
+            while s < W - 1 and (kids[u] or level[u] + 1 < len(first)):
+                u = kids[u][0] if kids[u] else first[level[u] + 1]
+                below[v, s], s = u, s + 1
+        self.below = below.to(device)
+        # the extra candidates, ((position index, rank), first node holding it), and their nodes
+        self.extra = sorted({(level[t] - 1, rank[t]): t for t in range(W - 1, 0, -1)
+                             if rank[t] > 0}.items())
+        self.slots_of = {jr: [t for t in range(W) if (level[t] - 1, rank[t]) == jr]
+                         for jr, _ in self.extra}
+
+    def candidates(self, root, drafts, q, u):
+        """Every node's token, the distribution that drew it and whether it is void (a position's q
+        had no mass left for it): root [N, 1], drafts [N, J], q [N, J, K], u [N, W] → tokens [N,
+        W], proposal [N, W, K], void [N, W] bool. A node of rank r holds its position's r-th
+        candidate: the draft (r = 0), else a draw from q without the candidates before it."""
+        N, J, K = q.shape
+        lev = (self.level - 1).clamp(min=0)
+        tokens = torch.cat([root, drafts.gather(1, lev[None, 1:].expand(N, -1))], dim=1)
+        proposal = torch.cat([q.new_ones(N, 1, K), q[:, lev[1:]]], dim=1)  # the root's: unread
+        void = torch.zeros_like(tokens, dtype=torch.bool)
+        state = {}  # position j -> (its q without the candidates so far, void, the last one)
+        for (j, r), t in self.extra:  # by position, then rank
+            none = torch.zeros(N, dtype=torch.bool, device=q.device)
+            mass, gone, prev = state.get(j, (q[:, j], none, drafts[:, j]))
+            mass = mass.scatter(1, prev[:, None], 0.0)
+            total = mass.sum(-1, keepdim=True)
+            gone = gone | (total[:, 0] <= 0)
+            draw = sample.invert_cdf(mass, u[:, t])
+            state[j] = (mass, gone, draw)
+            nodes = self.slots_of[(j, r)]
+            tokens[:, nodes] = draw[:, None]
+            proposal[:, nodes] = (mass / total.clamp(min=1e-30))[:, None]
+            void[:, nodes] = gone[:, None]
+        return tokens, proposal, void
+
+    def verify(self, p, tokens, proposal, void, u_accept, u_draw):
+        """Speculative sampling down the tree. Under each node v the children are tried in turn
+        against p[v], each kept with probability min(1, target(x) / proposal(x)), the target
+        becoming norm(max(0, target - proposal)) after each miss (recursive rejection sampling,
+        exact for candidates drawn without replacement); the path follows the kept child from
+        the root. p [N, W, K] → (path [N, depth], its nodes, -1 past its end; end [N], its last
+        node; last [N], the draw from end's target: its residual, or p where no child was kept)."""
+        N, W, K = p.shape
+        target = p
+        kept = torch.full((N, W), -1, dtype=torch.long, device=p.device)
+        for i in range(self.children.shape[1]):
+            child = self.children[:, i]  # [W]
+            c = child.clamp(min=0)
+            x = tokens[:, c]  # [N, W]
+            prop = proposal[:, c]  # [N, W, K]
+            trial = (child >= 0) & ~void[:, c] & (kept < 0)
+            ok = trial & (u_accept[:, c] < take(target, x) / take(prop, x))
+            kept = torch.where(ok, child, kept)
+            residual = (target - prop).clamp(min=0)
+            mass = residual.sum(-1, keepdim=True)
+            miss = (trial & ~ok)[..., None] & (mass > 0)
+            target = torch.where(miss, residual / mass.clamp(min=1e-30), target)
+        last = sample.invert_cdf(target, u_draw)  # [N, W]: every node's, the end's is used
+        # the path's end by pointer jumping (log2 W gathers, not one per level): each node points
+        # to its kept child, or to itself where none was kept
+        nodes = torch.arange(W, device=p.device)
+        jump = torch.where(kept >= 0, kept, nodes)
+        for _ in range(max(W - 1, 1).bit_length()):
+            jump = jump.gather(1, jump)
+        end = jump[:, 0]
+        # the path: end's ancestors but the root, each at its level
+        on = self.ancestry[end] & (nodes > 0)  # [N, W]
+        where = torch.where(on, self.level - 1, self.depth)  # off the path: a spare column
+        path = torch.full((N, self.depth + 1), -1, dtype=torch.long, device=p.device)
+        path = path.scatter(1, where, nodes.expand(N, -1))[:, :self.depth]
+        return path, end, last.gather(1, end[:, None])[:, 0]
+
+
+def window_seen(seen, tokens, tree, sampling):
+    """[N, W, K] bool: the codes node t's repetition penalty sees, the committed ones and the
+    candidates on its path (the prefix it assumes: its ancestors but the root, and itself), or
+    seen [N, 1, K] when there is no penalty. tokens [N, W]."""
     if sampling.repetition_penalty == 1.0:
         return seen[:, None]
-    N, S = drafts.shape
-    out = seen[:, None].repeat(1, S + 1, 1)
-    rows = torch.arange(N, device=seen.device)
-    for s in range(S):
-        out[rows[:, None], s + 1:, drafts[:, s, None]] = True  # seen from slot s + 1 on
-    return out
+    path = tree.ancestry.clone()
+    path[:, 0] = False  # the root is committed: in seen already
+    on_path = path.float() @ F.one_hot(tokens, seen.shape[-1]).float()  # [N, W, K]
+    return seen[:, None] | (on_path > 0)
 
 
 def initial_drafts(codes, drafts, n, known, width, init, u, k):

@@ -359,6 +359,12 @@ class KVCache(nn.Module):
         dst = torch.as_tensor(dst, device=self.kv.device)
         self.kv[:, :, dst] = self.kv[:, :, src]
 
+    def move(self, rows, src, dst):
+        """Row rows[i]'s keys and values at columns src[i, j] are copied to columns dst[i, j], all
+        layers, every source read before any write: rows [R], src and dst [R, P] long."""
+        rows = rows[:, None].expand_as(src)
+        self.kv[:, :, rows, :, dst] = self.kv[:, :, rows, :, src]
+
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -381,7 +387,8 @@ class Transformer(nn.Module):
     # ----------------------------------------------------------------------------------------
     # forward
 
-    def forward(self, tokens, input_pos=None, vocab=None, kv_len=None, last_only=False):
+    def forward(self, tokens, input_pos=None, vocab=None, kv_len=None, last_only=False,
+                tree=None):
         """Float32 logits [B, T, V] for tokens [B, T] (V = hi - lo when vocab=(lo, hi); T = 1 when
         last_only).
 
@@ -392,8 +399,15 @@ class Transformer(nn.Module):
         rolling back is writing at earlier columns. kv_len limits attention to the first kv_len
         cache columns, rounded up to a multiple of KV_GRAIN (an eager speed-up; under
         torch.compile leave it None: static shapes).
+
+        tree [T, T] bool (with input_pos): the tokens are a tree of continuations, as speculative
+        decoding verifies (SpecInfer, arXiv 2305.09781): tree[t, s] says token s is token t or
+        one of its ancestors (token 0, the root, has none). Token t then sees the columns before
+        the root's and its ancestors' columns, and its RoPE position is the root's column plus
+        its depth. A lower-triangular tree is the plain causal window. Once a path is chosen,
+        `cache.move` puts its keys at the columns of their positions.
         """
-        h = self.hidden(tokens, input_pos, kv_len)
+        h = self.hidden(tokens, input_pos, kv_len, tree)
         if last_only:
             h = h[:, -1:]
         return self.logits(h, vocab)
@@ -407,7 +421,7 @@ class Transformer(nn.Module):
             return head[2](h).float()
         return linear(h, self.head_weight()[lo:hi]).float()
 
-    def hidden(self, tokens, input_pos=None, kv_len=None):
+    def hidden(self, tokens, input_pos=None, kv_len=None, tree=None):
         """Final-norm hidden states [B, T, dim]."""
         B, T = tokens.shape
         x = self.embed_tokens(tokens)
@@ -421,10 +435,16 @@ class Transformer(nn.Module):
             kv_len = S if kv_len is None else min(S, -(-kv_len // KV_GRAIN) * KV_GRAIN)
             cols = input_pos.expand(B, T)  # [T] or [B, T] -> [B, T]
             key = torch.arange(kv_len, device=tokens.device)
-            mask = key <= cols[:, None, :, None]  # [B, 1, T, kv_len]: causal by column
+            if tree is None:
+                mask = key <= cols[:, None, :, None]  # [B, 1, T, kv_len]: causal by column
+                pos = cols
+            else:  # the root's prefix, then the columns of each token's ancestors
+                at = (key == cols[..., None]).float()  # [B, T, kv_len]: token s's column
+                sees = (tree.float() @ at > 0) | (key < cols[:, :1, None])
+                mask = sees[:, None]
+                pos = cols[:, :1] + tree.sum(-1) - 1
             rep = self.args.n_heads // self.args.n_kv_heads
             mask = mask.repeat(1, 1, rep, 1)  # as Attention folds grouped query heads
-            pos = cols
         cos, sin = rope_cos_sin(pos, self.args.head_dim, self.args.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
             kv = None if input_pos is None else self.cache.kv[i]

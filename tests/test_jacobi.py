@@ -40,7 +40,8 @@ def lm():
 
 @pytest.mark.parametrize("window", [1, 2, 4, 16, 40])
 @pytest.mark.parametrize("options", [dict(), dict(init="above"), dict(init="left", coupling=False),
-                                     dict(init="random", coupling=True)])
+                                     dict(init="random", coupling=True), dict(branches=(3,)),
+                                     dict(init="above", branches=(2, 2))])
 def test_greedy_equals_plain_decoding(lm, window, options):
     """top-k 1 makes every step an argmax: Jacobi must give plain decoding's codes, whatever the
     window (40 is clipped to the 16 tokens), the initial drafts, the coupling and the batch."""
@@ -77,7 +78,7 @@ def test_rows_advance_independently_of_their_batch():
 
 
 @pytest.mark.parametrize("speculative", [None, Jacobi(), Jacobi(16, "above"),
-                                         Jacobi(5, "random")])
+                                         Jacobi(5, "random"), Jacobi(branches=(3, 2))])
 def test_batch_independence_in_bf16(speculative):
     """In bf16 too (where a changed reduction order shows in the codes), an image's codes do not
     depend on its batch: prompts of other lengths, rows at other positions. Plain decoding and
@@ -209,8 +210,14 @@ def test_the_test_sees_a_two_point_bias(small):
 
 
 @pytest.mark.parametrize("options", [Jacobi(4, "random", coupling=False), Jacobi(4, "above"),
-                                     Jacobi(3, "left"), Jacobi()])
+                                     Jacobi(3, "left"), Jacobi(),
+                                     Jacobi(4, "random", coupling=False, branches=(3,)),
+                                     Jacobi(branches=(2, 2)), Jacobi(branches=(2,)),
+                                     Jacobi(5, branches=(4,))])
 def test_jacobi_samples_have_plain_decodings_distribution(small, options):
+    """Every option, trees too (the window of 5 cuts (2, 2) to a root, two candidates and two
+    under the first; (2,) is a root, two candidates and a chain of two under the first; (4,) in a
+    window of 5 is a root and four candidates)."""
     model, exact = small
     codes = jacobi.generate(model, [PROMPT] * SAMPLES, NEGATIVE, TEXT, K, LENGTH, range(SAMPLES),
                             SETTINGS, options, width=2, progress=False)
@@ -229,12 +236,50 @@ def test_argmax_drafts_with_soft_q_are_caught(small, monkeypatch):
     assert failures
 
 
+def test_extra_candidates_verified_against_q_itself_are_caught(small, monkeypatch):
+    """A tree's second candidate is drawn from q without the first: verifying it against q itself
+    (not renormalised without the first) accepts it too often, and the same test sees it."""
+    model, exact = small
+    right = jacobi.Tree.candidates
+
+    def wrong(self, root, drafts, q, u):
+        tokens, proposal, void = right(self, root, drafts, q, u)
+        lev = (self.level - 1).clamp(min=0)
+        return tokens, torch.cat([proposal[:, :1], q[:, lev[1:]]], dim=1), void
+
+    monkeypatch.setattr(jacobi.Tree, "candidates", wrong)
+    codes = jacobi.generate(model, [PROMPT] * SAMPLES, NEGATIVE, TEXT, K, LENGTH, range(SAMPLES),
+                            SETTINGS, Jacobi(5, branches=(4,)), width=2, progress=False)
+    failures = chi_square_failures(codes, exact)
+    print("extra candidates verified against q:", failures)
+    assert failures
+
+
+def test_tree_layout():
+    """Breadth first: the root, its candidates, theirs, then the chain under the first of the last
+    level; cut to the window. Which node's p drafts each position after a path's end."""
+    tree = jacobi.Tree(10, (2, 2), "cpu")
+    parents = [int(row[:t].nonzero()[-1]) if t else -1
+               for t, row in enumerate(tree.ancestry.long())]
+    assert parents == [-1, 0, 0, 1, 1, 2, 2, 3, 7, 8]
+    assert tree.level.tolist() == [0, 1, 1, 2, 2, 2, 2, 3, 4, 5] and tree.depth == 5
+    assert tree.below[0].tolist() == [1, 3, 7, 8, 9, -1, -1, -1, -1]
+    # off the first path: down its own first children, then on along the first path
+    assert tree.below[2].tolist() == [5, 7, 8, 9] + [-1] * 5
+    assert tree.below[6].tolist() == [7, 8, 9] + [-1] * 6
+    assert jacobi.Tree(3, (2, 2), "cpu").level.tolist() == [0, 1, 1]
+    assert jacobi.Tree(4, (), "cpu").mask is None  # a chain: the plain window
+
+
 # ------------------------------------------------------------------------------------------------
 # options
 
 @pytest.mark.parametrize("kw,match", [(dict(window=0), "window"), (dict(window=2.5), "window"),
                                       (dict(window=True), "window"),
-                                      (dict(init="below"), "draft init")])
+                                      (dict(init="below"), "draft init"),
+                                      (dict(branches=(2, 0)), "branches"),
+                                      (dict(branches=(True,)), "branches"),
+                                      (dict(branches=3), "branches")])
 def test_bad_options(kw, match):
     with pytest.raises(ValueError, match=match):
         Jacobi(**kw)

@@ -226,6 +226,50 @@ def test_per_row_positions_windows_and_rollback(tiny):
 
 
 @torch.no_grad()
+def test_token_tree_then_moved_path_equal_uncached(tiny):
+    """A tree of continuations in one forward (tree=): each token's logits are those of the
+    uncached forward of its row's prefix and its own path; once a path per row is moved to the
+    columns of its positions (cache.move), decoding goes on as if only that path had been run."""
+    torch.manual_seed(4)
+    V = tiny.args.vocab_size
+    # root 0; children 1, 2, 3; 4 and 5 under 1, 6 under 2; a chain 7, 8 under 4
+    parent = [-1, 0, 0, 0, 1, 1, 2, 4, 7]
+    T = len(parent)
+    tree = torch.zeros(T, T, dtype=torch.bool)
+    for t in range(T):
+        a = t
+        while a >= 0:
+            tree[t, a], a = True, parent[a]
+    prompts = [[5, 9, 100, 7, 3], [8, 1, 2]]
+    tiny.setup_cache(2, 64)
+    _, ends = tiny.prefill(prompts)
+    nodes = torch.randint(0, V, (2, T))
+    cols = ends[:, None] + torch.arange(T)
+    out = tiny(nodes, input_pos=cols, kv_len=int(ends.max()) + T, tree=tree)
+    paths = []
+    for t in range(T):
+        path = tree[t].nonzero()[:, 0].tolist()  # ancestors, root first
+        paths.append(path)
+        for b, p in enumerate(prompts):
+            full = tiny(torch.tensor([p + nodes[b, path].tolist()]))
+            assert (out[b, t] - full[0, -1]).abs().max() < 1e-4
+    chosen = [paths[8], paths[6]]  # row 0 keeps 0-1-4-7-8, row 1 keeps 0-2-6
+    P = max(len(c) for c in chosen)
+    src = torch.stack([torch.tensor(c + c[-1:] * (P - len(c))) for c in chosen])
+    dst = torch.stack([torch.tensor(list(range(len(c))) + [len(c) - 1] * (P - len(c)))
+                       for c in chosen])  # padded by repeating the last move
+    tiny.cache.move(torch.arange(2), ends[:, None] + src, ends[:, None] + dst)
+    tok = torch.randint(0, V, (2, 1))
+    at = ends + torch.tensor([len(c) for c in chosen])
+    step = tiny(tok, input_pos=at[:, None])
+    for b, p in enumerate(prompts):
+        full = tiny(torch.tensor([p + nodes[b, chosen[b]].tolist() + tok[b].tolist()]))
+        assert (step[b, 0] - full[0, -1]).abs().max() < 1e-4
+    chain = torch.ones(T, T, dtype=torch.bool).tril()  # the plain window, as a tree
+    assert torch.equal(tiny(nodes, input_pos=cols, tree=chain), tiny(nodes, input_pos=cols))
+
+
+@torch.no_grad()
 def test_compiled_decode_does_not_recompile(tiny):
     torch._dynamo.reset()
     tiny.setup_cache(2, 32)
