@@ -34,6 +34,13 @@ What this file does beyond SJD's published form, each an option:
   above (raster index - grid width, ZipAR's neighbour), or a random code (what SJD uses). With
   coupling, left takes 1.5-2% fewer forwards than above at the shipped model's temperature 0.7,
   and they are within 1% at temperature 1.
+* a tree of candidates (`branches`, off by default): SJD-PAC's proactive drafting. The window's
+  first levels hold several candidates per position, its draft and then draws from its q without
+  replacement, tried in turn under each parent by recursive rejection sampling (each miss leaves
+  norm(max(0, target - proposal)) as the next target: exact), in one forward through a tree
+  attention mask (model.py, as SpecInfer verifies token trees); the kept path's keys then move
+  to their positions' columns. Each extra node is a slot the chain loses, and the chain's end is
+  where a nano image's long uniform runs are committed: see Tree and the README for what pays.
 
 p is the sampling pipeline of sample.py (repetition penalty over the prefix each slot assumes,
 guidance, temperature, top-k, top-p), in float32. Randomness: image i reads its own stream of

@@ -11,14 +11,16 @@ that loads and saves Hugging Face checkpoints, plus two things generation needs:
   Every call names the columns its tokens occupy (`input_pos`, [T] or per row [B, T]), so
   prefill, one-token decode, a window of W tokens (Jacobi decoding), rows that advance by
   different amounts, and rolling back (just write at earlier columns; a query never sees a
-  column after its own) are the same code path, with static shapes for torch.compile.
+  column after its own) are the same code path, with static shapes for torch.compile. A window
+  may also be a tree of candidate continuations (`tree=`), verified in one forward.
 * logits for a slice of vocabulary rows (`vocab=(lo, hi)`), because image sampling only needs
   the 64,000 code rows and the full head is the largest matmul of a decode step.
 * inference kernels for the hardware: `resolve_dtype` picks bf16 where it is native, and
   `prepare_decoding` packs bf16 weights for oneDNN on CPU or quantizes them to int8.
 
-Every row starts at cache column 0 and a token's RoPE position is its column, so prompts of
-different lengths share a batch by right padding, and each row then advances at its own columns.
+Every row starts at cache column 0 and a token's RoPE position is its column (in a tree, its
+root's column plus its depth), so prompts of different lengths share a batch by right padding,
+and each row then advances at its own columns.
 Attention spans a multiple of KV_GRAIN columns: a row's keys always sit at the same columns, and
 the columns past its own are masked, so its results do not depend on its batch in any dtype (the
 kernels' reductions group keys by column, not by how many other rows happen to hold).
