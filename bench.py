@@ -689,8 +689,8 @@ def bench_jacobi(a):
                ("random init, coupling", dict(init="random")),
                ("above init, coupling", dict(init="above")),
                ("left init, coupling (default)", dict()),
-               ("+ 2 candidates first (--branches 2)", dict(branches=(2,))),
-               ("+ 3 candidates first (--branches 3)", dict(branches=(3,)))]
+               ("left, coupling, --branches 2", dict(branches=(2,))),
+               ("left, coupling, --branches 3", dict(branches=(3,)))]
     side = vq.config.resolution // vq.spatial_compression
     tokens = side * side
     print(f"nano model, {len(prompts)} prompts x {a.n} images, {tokens} tokens each, "

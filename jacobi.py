@@ -144,13 +144,22 @@ def branch_list(text):
     except ValueError:
         branches = ()
     if not branches or min(branches) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1 separated by commas, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected integers >= 1 separated by commas, got {text!r}")
     return branches
 
 
 def take(x, idx):
     """x [N, S, K] at idx [N, S] → [N, S]."""
     return x.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+
+
+def residual(p, q):
+    """norm(max(0, p - q)) over the last dim: what speculative sampling draws from after a miss.
+    Where there is no mass left (p == q to the last bit) it is p, the residual's limit."""
+    r = (p - q).clamp(min=0)
+    mass = r.sum(-1, keepdim=True)
+    return torch.where(mass > 0, r / mass.clamp(min=1e-30), p)
 
 
 def couple(p, q, d, u_keep, u_draw):
@@ -160,11 +169,7 @@ def couple(p, q, d, u_keep, u_draw):
     are exact draws from p."""
     ratio = take(p, d) / take(q, d)  # q(d) > 0: d was drawn from q
     kept = u_keep < ratio
-    residual = (p - q).clamp(min=0)
-    # no residual mass only where p == q to the last bit: a draw from p is then the residual's limit
-    empty = residual.sum(-1, keepdim=True) <= 0
-    redraw = invert_cdf(torch.where(empty, p, residual), u_draw)
-    return torch.where(kept, d, redraw), kept
+    return torch.where(kept, d, invert_cdf(residual(p, q), u_draw)), kept
 
 
 def draft_from(p, u):
@@ -216,8 +221,12 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
         if not bool(active.any()):  # host syncs: this, kv_len below, the stats
             break
         u = stream.gather(1, (forwards[:, None] - 1) * per + roles)
-        u_accept, u_draw, u_extra = u[:, :W], u[:, W:2 * W], u[:, 2 * W:3 * W]
-        u_keep, u_tail, u_init = u[:, 3 * W:3 * W + J], u[:, 4 * W:4 * W + J], u[:, 5 * W:5 * W + J]
+        u_accept = u[:, :W]  # per node
+        u_draw = u[:, W:2 * W]
+        u_extra = u[:, 2 * W:3 * W]
+        u_keep = u[:, 3 * W:3 * W + J]  # per drafted position
+        u_tail = u[:, 4 * W:4 * W + J]
+        u_init = u[:, 5 * W:5 * W + J]
         # initial drafts (one-hot q) where the window reaches positions it had no draft for
         fresh = slots[None, :J] >= known[:, None]
         guess = initial_drafts(codes, drafts, n, known, width, jacobi.init, u_init, K)
@@ -238,35 +247,35 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
         a = (path >= 0).sum(1)  # candidates accepted along the path
         c = torch.minimum(a + 1, n_tokens - n) * active  # committed, clipped at the image's end
         window = torch.zeros(N, W, dtype=torch.long, device=device)
-        window[:, :tree.depth] = tokens.gather(1, path.clamp(min=0))
+        window[:, :tree.height] = tokens.gather(1, path.clamp(min=0))
         window = window.scatter(1, a[:, None], last[:, None])
         keep = slots[None] < c[:, None]  # [N, W]
         at = n[:, None] + slots
         codes.scatter_(1, at, torch.where(keep, window, codes.gather(1, at)))
         seen |= torch.zeros(N, K, device=device).scatter_add_(1, window, keep.float()) > 0
         if tree.mask is not None:  # the path's keys to the columns of their positions
-            depth = torch.arange(1, path.shape[1] + 1, device=device)
-            src = torch.where(path >= 0, path, depth)
+            levels = torch.arange(1, tree.height + 1, device=device)
+            src = torch.where(path >= 0, path, levels)  # past the path: a column onto itself
             base = (ends - 1)[:, None] + n.repeat(cfg_rows)[:, None]
-            model.cache.move(torch.arange(len(ends), device=device),
-                             base + src.repeat(cfg_rows, 1), base + depth)
-        # the next drafts: position n + c + s follows `end` down its first children (when it can)
+            model.cache.move(base + src.repeat(cfg_rows, 1), base + levels)
+        # the next drafts: position n + c + s takes p from a node below `end` (Tree.below)
         below = tree.below[end]  # [N, J] node whose p is that position's, -1 past the tree
-        has = below >= 0
+        drawn = below >= 0
         p_next = p.gather(1, below.clamp(min=0)[..., None].expand(-1, -1, K))
         sampled = draft_from(p_next, u_tail)
         old = c[:, None] + slots[:J]  # that position's index among this forward's drafts
-        had = old < J
+        existed = old < J
+        waits = old < known[:, None]  # an old draft that is no guess
         old = old.clamp(max=max(J - 1, 0))
         q_old = q.gather(1, old[..., None].expand(-1, -1, K))
         d_old = drafts.gather(1, old)
         if jacobi.coupling:  # an old draft is kept or moved by maximal coupling: a draw from p
             coupled, _ = couple(p_next, q_old, d_old, u_keep, u_tail)
-            sampled = torch.where(had, coupled, sampled)
+            sampled = torch.where(existed, coupled, sampled)
         # where the tree gives no p, an old draft waits as it is (still a draw from its q)
-        drafts = torch.where(active[:, None], torch.where(has, sampled, d_old), drafts)
-        q = torch.where(active[:, None, None], torch.where(has[..., None], p_next, q_old), q)
-        known = torch.where(active, (has | had).long().cumprod(1).sum(1), known)
+        drafts = torch.where(active[:, None], torch.where(drawn, sampled, d_old), drafts)
+        q = torch.where(active[:, None, None], torch.where(drawn[..., None], p_next, q_old), q)
+        known = torch.where(active, (drawn | waits).long().cumprod(1).sum(1), known)
         n = n + c
         forwards = forwards + active.long()
         committed.append(c[active])
@@ -284,7 +293,15 @@ class Tree:
     of level L - 1 (breadth first) come branches[L - 1] candidates for position n - 1 + L, drawn
     from that position's q without replacement, the first being its draft (SJD-PAC's proactive
     drafting, arXiv 2603.18599); then a chain of drafts under the first node of the last level,
-    out to W nodes (a tree larger than W is cut, breadth first). No branches: SJD's chain."""
+    out to W nodes (a tree larger than W is cut, breadth first). No branches: SJD's chain.
+
+    level [W] long: a node's depth (its position is n - 1 + level); height: the deepest level.
+    ancestry [W, W] bool: ancestry[t, s] says node s is t or one of its ancestors; mask: ancestry,
+    or None for a chain (the plain causal window). children [W, C] long: each node's children in
+    order, -1 padded. below [W, W - 1] long: the nodes whose p drafts positions n + level[v] + s
+    after a path that ends at v, -1 where there is none. extra: ((position index j, rank r), the
+    first node holding it) of every candidate past the draft, in order; slots_of[(j, r)]: all the
+    nodes holding it (one per parent)."""
 
     def __init__(self, W: int, branches: tuple, device):
         parent, level, rank = [-1], [0], [0]
@@ -306,7 +323,7 @@ class Tree:
             tip = len(parent) - 1
         parent, level, rank = parent[:W], level[:W], rank[:W]
         self.level = torch.tensor(level, device=device)
-        self.depth = max(level)
+        self.height = max(level)
         ancestry = torch.zeros(W, W, dtype=torch.bool)
         for t in range(W):
             v = t
@@ -318,19 +335,18 @@ class Tree:
         kids = [[t for t in range(W) if parent[t] == v] for v in range(W)]
         width = max(1, max(len(k) for k in kids))
         self.children = torch.tensor([k + [-1] * (width - len(k)) for k in kids], device=device)
-        # the nodes whose p drafts the positions after a path ending at v: down v's first
-        # children, and where they end (a candidate off the first path), on along the first path
+        # after a path ending at v: down v's first children, and where they end (at a candidate
+        # off the first path), on along the first path, whose p's are the least stale there
         first = [0]
         while kids[first[-1]]:
             first.append(kids[first[-1]][0])
         below = torch.full((W, max(W - 1, 0)), -1, dtype=torch.long)
         for v in range(W):
-            u, s = v, 0
-            while s < W - 1 and (kids[u] or level[u] + 1 < len(first)):
-                u = kids[u][0] if kids[u] else first[level[u] + 1]
-                below[v, s], s = u, s + 1
+            node, s = v, 0
+            while s < W - 1 and (kids[node] or level[node] + 1 < len(first)):
+                node = kids[node][0] if kids[node] else first[level[node] + 1]
+                below[v, s], s = node, s + 1
         self.below = below.to(device)
-        # the extra candidates, ((position index, rank), first node holding it), and their nodes
         self.extra = sorted({(level[t] - 1, rank[t]): t for t in range(W - 1, 0, -1)
                              if rank[t] > 0}.items())
         self.slots_of = {jr: [t for t in range(W) if (level[t] - 1, rank[t]) == jr]
@@ -346,9 +362,9 @@ class Tree:
         tokens = torch.cat([root, drafts.gather(1, lev[None, 1:].expand(N, -1))], dim=1)
         proposal = torch.cat([q.new_ones(N, 1, K), q[:, lev[1:]]], dim=1)  # the root's: unread
         void = torch.zeros_like(tokens, dtype=torch.bool)
+        none = torch.zeros(N, dtype=torch.bool, device=q.device)
         state = {}  # position j -> (its q without the candidates so far, void, the last one)
         for (j, r), t in self.extra:  # by position, then rank
-            none = torch.zeros(N, dtype=torch.bool, device=q.device)
             mass, gone, prev = state.get(j, (q[:, j], none, drafts[:, j]))
             mass = mass.scatter(1, prev[:, None], 0.0)
             total = mass.sum(-1, keepdim=True)
@@ -366,23 +382,24 @@ class Tree:
         against p[v], each kept with probability min(1, target(x) / proposal(x)), the target
         becoming norm(max(0, target - proposal)) after each miss (recursive rejection sampling,
         exact for candidates drawn without replacement); the path follows the kept child from
-        the root. p [N, W, K] → (path [N, depth], its nodes, -1 past its end; end [N], its last
-        node; last [N], the draw from end's target: its residual, or p where no child was kept)."""
+        the root. p, proposal [N, W, K] float32 (node t's p is for the position after it; its
+        proposal, what drew its token); tokens [N, W]; void [N, W] bool (never kept); u_accept,
+        u_draw [N, W] uniforms, per node → (path [N, height], its nodes by level, -1 past its end;
+        end [N], its last node, 0 when none was kept; last [N], the draw from end's target: its
+        residual, or p where no child was tried)."""
         N, W, K = p.shape
         target = p
         kept = torch.full((N, W), -1, dtype=torch.long, device=p.device)
         for i in range(self.children.shape[1]):
             child = self.children[:, i]  # [W]
-            c = child.clamp(min=0)
-            x = tokens[:, c]  # [N, W]
-            prop = proposal[:, c]  # [N, W, K]
-            trial = (child >= 0) & ~void[:, c] & (kept < 0)
-            ok = trial & (u_accept[:, c] < take(target, x) / take(prop, x))
+            kid = child.clamp(min=0)
+            x = tokens[:, kid]  # [N, W]
+            prop = proposal[:, kid]  # [N, W, K]
+            trial = (child >= 0) & ~void[:, kid] & (kept < 0)
+            ok = trial & (u_accept[:, kid] < take(target, x) / take(prop, x))
             kept = torch.where(ok, child, kept)
-            residual = (target - prop).clamp(min=0)
-            mass = residual.sum(-1, keepdim=True)
-            miss = (trial & ~ok)[..., None] & (mass > 0)
-            target = torch.where(miss, residual / mass.clamp(min=1e-30), target)
+            miss = (trial & ~ok)[..., None]
+            target = torch.where(miss, residual(target, prop), target)
         last = sample.invert_cdf(target, u_draw)  # [N, W]: every node's, the end's is used
         # the path's end by pointer jumping (log2 W gathers, not one per level): each node points
         # to its kept child, or to itself where none was kept
@@ -393,16 +410,17 @@ class Tree:
         end = jump[:, 0]
         # the path: end's ancestors but the root, each at its level
         on = self.ancestry[end] & (nodes > 0)  # [N, W]
-        where = torch.where(on, self.level - 1, self.depth)  # off the path: a spare column
-        path = torch.full((N, self.depth + 1), -1, dtype=torch.long, device=p.device)
-        path = path.scatter(1, where, nodes.expand(N, -1))[:, :self.depth]
+        where = torch.where(on, self.level - 1, self.height)  # off the path: a spare column
+        path = torch.full((N, self.height + 1), -1, dtype=torch.long, device=p.device)
+        path = path.scatter(1, where, nodes.expand(N, -1))[:, :self.height]
         return path, end, last.gather(1, end[:, None])[:, 0]
 
 
 def window_seen(seen, tokens, tree, sampling):
     """[N, W, K] bool: the codes node t's repetition penalty sees, the committed ones and the
     candidates on its path (the prefix it assumes: its ancestors but the root, and itself), or
-    seen [N, 1, K] when there is no penalty. tokens [N, W]."""
+    seen [N, 1, K] when there is no penalty. seen [N, K] bool; tokens [N, W], the nodes of a
+    Tree."""
     if sampling.repetition_penalty == 1.0:
         return seen[:, None]
     path = tree.ancestry.clone()

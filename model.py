@@ -361,10 +361,10 @@ class KVCache(nn.Module):
         dst = torch.as_tensor(dst, device=self.kv.device)
         self.kv[:, :, dst] = self.kv[:, :, src]
 
-    def move(self, rows, src, dst):
-        """Row rows[i]'s keys and values at columns src[i, j] are copied to columns dst[i, j], all
-        layers, every source read before any write: rows [R], src and dst [R, P] long."""
-        rows = rows[:, None].expand_as(src)
+    def move(self, src, dst):
+        """Row r's keys and values at columns src[r, j] are copied to columns dst[r, j], all layers,
+        every source read before any write: src, dst [R, P] long for the first R rows."""
+        rows = torch.arange(src.shape[0], device=src.device)[:, None].expand_as(src)
         self.kv[:, :, rows, :, dst] = self.kv[:, :, rows, :, src]
 
 
@@ -429,6 +429,8 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         mask = cols = None
         if input_pos is None:
+            if tree is not None:
+                raise ValueError("a token tree is verified in the cache: give input_pos")
             pos = torch.arange(T, device=tokens.device).expand(B, T)
         else:
             if self.cache is None:

@@ -1,10 +1,12 @@
 """jacobi.py: greedy codes equal plain decoding's, sampled codes have exactly its distribution
 (tested against the distribution computed by enumeration), rows advance independently, the options
 and their errors."""
+import argparse
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import jacobi
 import sample
@@ -255,6 +257,38 @@ def test_extra_candidates_verified_against_q_itself_are_caught(small, monkeypatc
     assert failures
 
 
+def first_codes(tree, p, q, drafts, gen):
+    """The code one forward commits first, for N rows of one window: candidates from drafts and q,
+    then the tree's verification with fresh uniforms."""
+    N, W, _ = p.shape
+    u = lambda: torch.rand(N, W, generator=gen)  # noqa: E731
+    tokens, proposal, void = tree.candidates(torch.zeros(N, 1, dtype=torch.long), drafts, q, u())
+    path, _, last = tree.verify(p, tokens, proposal, void, u(), u())
+    return torch.where(path[:, 0] >= 0, tokens.gather(1, path[:, :1].clamp(min=0))[:, 0], last)
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_candidates_recursive_rejection_gives_p(monkeypatch, broken):
+    """Three candidates for one position (its draft from q, then two more from q without
+    replacement; rows whose q is one-hot have no more), each tried against the residual the
+    misses before it left: the code kept is distributed as p exactly, 400,000 rows against p by a
+    chi-square test. Trying them all against p itself (no residual) is caught."""
+    if broken:
+        monkeypatch.setattr(jacobi, "residual", lambda target, proposal: target)
+    gen = torch.Generator().manual_seed(0)
+    N, K = 400_000, 5
+    tree = jacobi.Tree(4, (3,), "cpu")
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]).expand(N, 4, K)
+    q = torch.tensor([0.1, 0.1, 0.3, 0.3, 0.2]).repeat(N, 3, 1)
+    q[N // 2:] = F.one_hot(torch.tensor(2), K).float()  # a guess: its draft is all there is
+    drafts = sample.invert_cdf(q, torch.rand(N, 3, generator=gen))
+    codes = first_codes(tree, p, q, drafts, gen)
+    counts = torch.bincount(codes, minlength=K).double()
+    want = p[0, 0].double() * N
+    stat = float(((counts - want) ** 2 / want).sum())
+    assert (stat > chi2_quantile(K - 1, 1 - 1e-3)) == broken, stat
+
+
 def test_tree_layout():
     """Breadth first: the root, its candidates, theirs, then the chain under the first of the last
     level; cut to the window. Which node's p drafts each position after a path's end."""
@@ -262,7 +296,7 @@ def test_tree_layout():
     parents = [int(row[:t].nonzero()[-1]) if t else -1
                for t, row in enumerate(tree.ancestry.long())]
     assert parents == [-1, 0, 0, 1, 1, 2, 2, 3, 7, 8]
-    assert tree.level.tolist() == [0, 1, 1, 2, 2, 2, 2, 3, 4, 5] and tree.depth == 5
+    assert tree.level.tolist() == [0, 1, 1, 2, 2, 2, 2, 3, 4, 5] and tree.height == 5
     assert tree.below[0].tolist() == [1, 3, 7, 8, 9, -1, -1, -1, -1]
     # off the first path: down its own first children, then on along the first path
     assert tree.below[2].tolist() == [5, 7, 8, 9] + [-1] * 5
@@ -273,6 +307,13 @@ def test_tree_layout():
 
 # ------------------------------------------------------------------------------------------------
 # options
+
+def test_branches_from_the_command_line():
+    p = argparse.ArgumentParser()
+    jacobi.add_args(p)
+    assert jacobi.from_args(p.parse_args(["--jacobi", "--branches", "3,2"])).branches == (3, 2)
+    assert jacobi.from_args(p.parse_args(["--jacobi"])) == Jacobi()
+
 
 @pytest.mark.parametrize("kw,match", [(dict(window=0), "window"), (dict(window=2.5), "window"),
                                       (dict(window=True), "window"),

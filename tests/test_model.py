@@ -255,10 +255,10 @@ def test_token_tree_then_moved_path_equal_uncached(tiny):
             assert (out[b, t] - full[0, -1]).abs().max() < 1e-4
     chosen = [paths[8], paths[6]]  # row 0 keeps 0-1-4-7-8, row 1 keeps 0-2-6
     P = max(len(c) for c in chosen)
-    src = torch.stack([torch.tensor(c + c[-1:] * (P - len(c))) for c in chosen])
-    dst = torch.stack([torch.tensor(list(range(len(c))) + [len(c) - 1] * (P - len(c)))
-                       for c in chosen])  # padded by repeating the last move
-    tiny.cache.move(torch.arange(2), ends[:, None] + src, ends[:, None] + dst)
+    pad = [list(range(len(c), P)) for c in chosen]  # columns past a path: moved onto themselves
+    src = torch.tensor([c + x for c, x in zip(chosen, pad)])
+    dst = torch.tensor([list(range(len(c))) + x for c, x in zip(chosen, pad)])
+    tiny.cache.move(ends[:, None] + src, ends[:, None] + dst)
     tok = torch.randint(0, V, (2, 1))
     at = ends + torch.tensor([len(c) for c in chosen])
     step = tiny(tok, input_pos=at[:, None])
@@ -267,6 +267,8 @@ def test_token_tree_then_moved_path_equal_uncached(tiny):
         assert (step[b, 0] - full[0, -1]).abs().max() < 1e-4
     chain = torch.ones(T, T, dtype=torch.bool).tril()  # the plain window, as a tree
     assert torch.equal(tiny(nodes, input_pos=cols, tree=chain), tiny(nodes, input_pos=cols))
+    with pytest.raises(ValueError, match="give input_pos"):
+        tiny(nodes, tree=chain)
 
 
 @torch.no_grad()
