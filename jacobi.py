@@ -34,13 +34,15 @@ What this file does beyond SJD's published form, each an option:
   above (raster index - grid width, ZipAR's neighbour), or a random code (what SJD uses). With
   coupling, left takes 1.5-2% fewer forwards than above at the shipped model's temperature 0.7,
   and they are within 1% at temperature 1.
-* a tree of candidates (`branches`, off by default): SJD-PAC's proactive drafting. The window's
-  first levels hold several candidates per position, its draft and then draws from its q without
-  replacement, tried in turn under each parent by recursive rejection sampling (each miss leaves
+* a tree of candidates (`branches`): SJD-PAC's proactive drafting. The window's first levels hold
+  several candidates per position, its draft and then draws from its q without replacement,
+  tried in turn under each parent by recursive rejection sampling (each miss leaves
   norm(max(0, target - proposal)) as the next target: exact), in one forward through a tree
   attention mask (model.py, as SpecInfer verifies token trees); the kept path's keys then move
-  to their positions' columns. Each extra node is a slot the chain loses, and the chain's end is
-  where a nano image's long uniform runs are committed: see Tree and the README for what pays.
+  to their positions' columns. Each extra node is a slot the chain loses, and the chain's end
+  commits a nano image's long uniform runs: three candidates for the first position take fewer
+  forwards than the chain in windows of 16 and 32 and more in windows of 4 and 8 (README, `bench.py
+  jacobi`). So the default is that tree from a window of 16, a chain below.
 
 p is the sampling pipeline of sample.py (repetition penalty over the prefix each slot assumes,
 guidance, temperature, top-k, top-p), in float32. Randomness: image i reads its own stream of
@@ -57,6 +59,7 @@ import sample
 from sample import Sampling, guided_scores, invert_cdf
 
 INITS = ("left", "above", "random")
+TREE, TREE_FROM = (3,), 16  # the default tree and the smallest window it is used in
 
 
 @dataclass(frozen=True)
@@ -65,18 +68,22 @@ class Jacobi:
     drafts), >= 1 (1 is plain decoding); a window longer than an image is clipped to it. init: the
     initial draft of a new position, one of INITS. coupling: keep unreached drafts by maximal
     coupling instead of redrawing them. branches: candidates per node at the window's first
-    levels, a tree (see Tree; () is SJD's chain). Raises ValueError naming a bad option."""
+    levels, a tree (see Tree; () or (1,) is SJD's chain); None: TREE for windows of at least
+    TREE_FROM positions, a chain below, which has too few slots to spare (bench.py jacobi). Raises
+    ValueError naming a bad option."""
 
     window: int = 16
     init: str = "left"
     coupling: bool = True
-    branches: tuple = ()
+    branches: tuple | None = None
 
     def __post_init__(self):
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
         if self.init not in INITS:
             raise ValueError(f"draft init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.branches is None:
+            return
         try:
             object.__setattr__(self, "branches", tuple(self.branches))
         except TypeError:
@@ -114,7 +121,8 @@ def add_args(p):
                    help="redraw unreached drafts independently (SJD)")
     g.add_argument("--branches", type=branch_list, default=None, metavar="K1,K2,...",
                    help="candidates per node at the window's first levels, a tree (SJD-PAC's "
-                   "proactive drafting; default: a chain, as SJD)")
+                   f"proactive drafting; 1: a chain, as SJD; default {','.join(map(str, TREE))} "
+                   f"for windows of {TREE_FROM} or more, else 1)")
 
 
 def from_args(args) -> "Jacobi | None":
@@ -191,7 +199,10 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
     N, K = len(prompts), codebook_size
     W = min(jacobi.window, n_tokens)
     J = W - 1  # drafted positions ahead of the last committed token
-    tree = Tree(W, jacobi.branches, device)
+    branches = jacobi.branches
+    if branches is None:
+        branches = TREE if W >= TREE_FROM else ()
+    tree = Tree(W, branches, device)
     width = width or max(1, round(n_tokens ** 0.5))
     vocab = (first_id, first_id + K)
     logits, ends = sample.prefill(model, prompts, negative, vocab, n_tokens + W, sampling)
