@@ -127,11 +127,12 @@ def run_geneval(ckpt, vq, out_dir, n=4, size=None, seed=0, prompts=None, batch_s
                                    size, n, seed, settings, batch_size=batch_size,
                                    compile=compile, progress=progress, jacobi=jacobi)
     result = shapes.evaluate(prompts, samples.images)
+    ran = jacobi.resolve(samples.codes[0, 0].numel()) if jacobi else None  # the window's tree
     result["settings"] = dict(ckpt=ckpt, vq=vq, n=n, size=size, seed=seed,
                               **dataclasses.asdict(settings),
                               dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."),
                               quantize=quantize,
-                              jacobi=dataclasses.asdict(jacobi) if jacobi else None,
+                              jacobi=dataclasses.asdict(ran) if jacobi else None,
                               forwards_per_image=round(float(np.mean(samples.forwards)), 2),
                               prompt_set=split,
                               seconds=round(time.perf_counter() - t0, 1))

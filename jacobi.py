@@ -2,7 +2,7 @@
 
     python sample.py --prompt "two red circles" --jacobi         # window 16, the default options
     python sample.py --prompt "two red circles" --jacobi --window 16 --draft-init random \
-        --no-coupling                                            # SJD as published
+        --no-coupling --branches 1                               # SJD as published
     python bench.py jacobi                                       # forwards, wall time, histogram
     python -m pytest -q tests/test_jacobi.py
 
@@ -49,6 +49,7 @@ guidance, temperature, top-k, top-p), in float32. Randomness: image i reads its 
 uniforms, drawn up front from torch.Generator().manual_seed(seeds[i]), a fixed number per forward.
 """
 import argparse
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +91,15 @@ class Jacobi:
             raise ValueError(f"branches must be a sequence of integers, got {self.branches!r}")
         if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.branches):
             raise ValueError(f"branches must be integers >= 1, got {self.branches!r}")
+
+    def resolve(self, n_tokens: int) -> "Jacobi":
+        """These options as generate runs them for images of n_tokens codes: the window clipped
+        to the image, branches None made the default tree for that window."""
+        window = min(self.window, n_tokens)
+        branches = self.branches
+        if branches is None:
+            branches = TREE if window >= TREE_FROM else ()
+        return dataclasses.replace(self, window=window, branches=branches)
 
 
 @dataclass
@@ -197,12 +207,10 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
     sample.check_generation(*request)
     device = model.embed_tokens.weight.device
     N, K = len(prompts), codebook_size
-    W = min(jacobi.window, n_tokens)
+    jacobi = jacobi.resolve(n_tokens)
+    W = jacobi.window
     J = W - 1  # drafted positions ahead of the last committed token
-    branches = jacobi.branches
-    if branches is None:
-        branches = TREE if W >= TREE_FROM else ()
-    tree = Tree(W, branches, device)
+    tree = Tree(W, jacobi.branches, device)
     width = width or max(1, round(n_tokens ** 0.5))
     vocab = (first_id, first_id + K)
     logits, ends = sample.prefill(model, prompts, negative, vocab, n_tokens + W, sampling)
@@ -309,8 +317,8 @@ class Tree:
     level [W] long: a node's depth (its position is n - 1 + level); height: the deepest level.
     ancestry [W, W] bool: ancestry[t, s] says node s is t or one of its ancestors; mask: ancestry,
     or None for a chain (the plain causal window). children [W, C] long: each node's children in
-    order, -1 padded. below [W, W - 1] long: the nodes whose p drafts positions n + level[v] + s
-    after a path that ends at v, -1 where there is none. extra: ((position index j, rank r), the
+    order, -1 padded. below [W, W - 1] long: below[v, s] is the node whose p drafts position
+    n + level[v] + 1 + s after a path that ends at v (-1 where there is none). extra: ((position index j, rank r), the
     first node holding it) of every candidate past the draft, in order; slots_of[(j, r)]: all the
     nodes holding it (one per parent)."""
 

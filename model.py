@@ -406,8 +406,9 @@ class Transformer(nn.Module):
         decoding verifies (SpecInfer, arXiv 2305.09781): tree[t, s] says token s is token t or
         one of its ancestors (token 0, the root, has none). Token t then sees the columns before
         the root's and its ancestors' columns, and its RoPE position is the root's column plus
-        its depth. A lower-triangular tree is the plain causal window. Once a path is chosen,
-        `cache.move` puts its keys at the columns of their positions.
+        its depth. The full lower triangle (a chain) is the plain causal window. Once a path is
+        chosen, `cache.move` puts its keys at the columns of their positions. Raises ValueError
+        for a tree without input_pos.
         """
         h = self.hidden(tokens, input_pos, kv_len, tree)
         if last_only:
