@@ -690,8 +690,8 @@ def bench_jacobi(a):
                ("random init, coupling", dict(init="random", **chain)),
                ("above init, coupling", dict(init="above", **chain)),
                ("left init, coupling", chain),
-               ("left, coupling, --branches 2", dict(branches=(2,))),
-               ("left, coupling, --branches 3", dict(branches=(3,)))]
+               ("left, coupling, --branches 3", dict(branches=(3,))),
+               ("left, coupling, --branches 5", dict(branches=(5,)))]
     default = Jacobi()
 
     def is_default(j):  # the options Jacobi() runs at this window (its tree or its chain)

@@ -40,7 +40,7 @@ What this file does beyond SJD's published form, each an option:
   norm(max(0, target - proposal)) as the next target: exact), in one forward through a tree
   attention mask (model.py, as SpecInfer verifies token trees); the kept path's keys then move
   to their positions' columns. Each extra node is a slot the chain loses, and the chain's end
-  commits a nano image's long uniform runs: three candidates for the first position take fewer
+  commits a nano image's long uniform runs: five candidates for the first position take fewer
   forwards than the chain in windows of 16 and 32 and more in windows of 4 and 8 (README, `bench.py
   jacobi`). So the default is that tree from a window of 16, a chain below.
 
@@ -60,7 +60,7 @@ import sample
 from sample import Sampling, guided_scores, invert_cdf
 
 INITS = ("left", "above", "random")
-TREE, TREE_FROM = (3,), 16  # the default tree and the smallest window it is used in
+TREE, TREE_FROM = (5,), 16  # the default tree and the smallest window it is used in
 
 
 @dataclass(frozen=True)
