@@ -318,9 +318,9 @@ class Tree:
     ancestry [W, W] bool: ancestry[t, s] says node s is t or one of its ancestors; mask: ancestry,
     or None for a chain (the plain causal window). children [W, C] long: each node's children in
     order, -1 padded. below [W, W - 1] long: below[v, s] is the node whose p drafts position
-    n + level[v] + 1 + s after a path that ends at v (-1 where there is none). extra: ((position index j, rank r), the
-    first node holding it) of every candidate past the draft, in order; slots_of[(j, r)]: all the
-    nodes holding it (one per parent)."""
+    n + level[v] + 1 + s after a path that ends at v (-1 where there is none). extra: ((position
+    index j, rank r), the first node holding it) of every candidate past the draft, in order;
+    slots_of[(j, r)]: all the nodes holding it (one per parent)."""
 
     def __init__(self, W: int, branches: tuple, device):
         parent, level, rank = [-1], [0], [0]
