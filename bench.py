@@ -692,12 +692,6 @@ def bench_jacobi(a):
                ("left init, coupling", chain),
                ("left, coupling, --branches 3", dict(branches=(3,))),
                ("left, coupling, --branches 5", dict(branches=(5,)))]
-    default = Jacobi()
-
-    def is_default(j):  # the options Jacobi() runs at this window (its tree or its chain)
-        tree = jacobi.TREE if j.window >= jacobi.TREE_FROM else ()
-        return (j.init, j.coupling, j.branches) == (default.init, default.coupling, tree)
-
     side = vq.config.resolution // vq.spatial_compression
     tokens = side * side
     print(f"nano model, {len(prompts)} prompts x {a.n} images, {tokens} tokens each, "
@@ -724,9 +718,11 @@ def bench_jacobi(a):
             for w in a.windows:
                 j = Jacobi(w, **opts)
                 per_image, forwards = run(s, j)
-                mark = "*" if is_default(j) else " "
+                # what Jacobi() runs at this window: its tree or its chain
+                default = j.resolve(tokens) == Jacobi(w).resolve(tokens)
+                mark = "*" if default else " "
                 cells.append(f"{tokens / forwards:5.2f}x{mark}{plain_s / per_image:5.2f}x wall")
-                if is_default(j):
+                if default:
                     compression.setdefault(name, {})[w] = tokens / forwards
             print(f"{label:<34}" + "".join(f"{c:>20}" for c in cells))
         stats = Stats()

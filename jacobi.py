@@ -388,7 +388,7 @@ class Tree:
             mass = mass.scatter(1, prev[:, None], 0.0)
             total = mass.sum(-1, keepdim=True)
             gone = gone | (total[:, 0] <= 0)
-            draw = sample.invert_cdf(mass, u[:, t])
+            draw = invert_cdf(mass, u[:, t])
             state[j] = (mass, gone, draw)
             nodes = self.slots_of[(j, r)]
             tokens[:, nodes] = draw[:, None]
@@ -419,7 +419,6 @@ class Tree:
             kept = torch.where(ok, child, kept)
             miss = (trial & ~ok)[..., None]
             target = torch.where(miss, residual(target, prop), target)
-        last = sample.invert_cdf(target, u_draw)  # [N, W]: every node's, the end's is used
         # the path's end by pointer jumping (log2 W gathers, not one per level): each node points
         # to its kept child, or to itself where none was kept
         nodes = torch.arange(W, device=p.device)
@@ -432,7 +431,10 @@ class Tree:
         where = torch.where(on, self.level - 1, self.height)  # off the path: a spare column
         path = torch.full((N, self.height + 1), -1, dtype=torch.long, device=p.device)
         path = path.scatter(1, where, nodes.expand(N, -1))[:, :self.height]
-        return path, end, last.gather(1, end[:, None])[:, 0]
+        at_end = end[:, None]
+        last = invert_cdf(target.gather(1, at_end[..., None].expand(-1, -1, K))[:, 0],
+                          u_draw.gather(1, at_end)[:, 0])  # only the end's target is drawn from
+        return path, end, last
 
 
 def window_seen(seen, tokens, tree, sampling):
