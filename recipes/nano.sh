@@ -55,7 +55,7 @@ LM_CONFIG=${LM_CONFIG:-nano}
 # 6,000 took. A CPU without bf16 trains in float32: 79-104 min in all on two AVX2-only EPYCs with
 # 100 RL steps, ~11 more with 200 (or LM_STEPS=6000); a slower third took 96 min with 200, not
 # counting the tokenizer (copied).
-# LM_STEPS=16000: all three seeds over 0.80 in bf16, ~60 min, level on validation (recipes/nano.md)
+# LM_STEPS=16000: all three seeds over 0.80 in bf16, ~60 min, just under on validation (nano.md)
 LM_STEPS=${LM_STEPS:-9600}
 LM_BATCH=${LM_BATCH:-16}
 RL_STEPS=${RL_STEPS:-200}
