@@ -16,7 +16,8 @@ that loads and saves Hugging Face checkpoints, plus two things generation needs:
 * logits for a slice of vocabulary rows (`vocab=(lo, hi)`), because image sampling only needs
   the 64,000 code rows and the full head is the largest matmul of a decode step.
 * inference kernels for the hardware: `resolve_dtype` picks bf16 where it is native, and
-  `prepare_decoding` packs bf16 weights for oneDNN on CPU or quantizes them to int8.
+  `prepare_decoding` packs bf16 weights for oneDNN on CPU (the projections that read the same
+  input fused into one matmul) or quantizes them to int8.
 
 Every row starts at cache column 0 and a token's RoPE position is its column (in a tree, its
 root's column plus its depth), so prompts of different lengths share a batch by right padding,
@@ -228,7 +229,39 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def fuse(parts: list[nn.Module]) -> tuple[nn.Module, list[int]] | None:
+    """One packed module over the output rows of parts, linear layers that read the same input (q,
+    k, v; gate, up), and each part's row count, for `project`; None unless the parts are packed
+    (`pack_weights`). A decode step then makes one call where it made len(parts), as gpt-fast
+    fuses wq, wk and wv: alone, the 2-row k and v projections of the 0.5B shape are too small for
+    oneDNN to read at the memory's speed. Exact: each output is the same dot product. The parts
+    hand their packed copies over and keep their weights (for autograd and saving), so memory
+    stays as it was. int8 weights are not fused: PyTorch's int8 kernel gained nothing from it."""
+    if not all(isinstance(m, Linear) and m.packed is not None for m in parts):
+        return None
+    sizes = [m.weight.shape[0] for m in parts]
+    w = torch.cat([m.weight.detach() for m in parts])
+    # the fused module is only ever called packed (`project`): its weight stays on the meta device
+    fused = Linear(w.shape[1], w.shape[0], bias=parts[0].bias is not None, device="meta")
+    fused.packed = torch.ops.mkldnn._reorder_linear_weight(w, 2)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in parts]), requires_grad=False)
+    for m in parts:
+        m.packed = None
+    return fused, sizes
+
+
+def project(x, parts, fused):
+    """Each of parts' outputs for x [..., K]: one call through fused (`fuse`) in eager inference,
+    each part's own under autograd and torch.compile (which never see the packed copies)."""
+    if fused is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return tuple(m(x) for m in parts)
+    return fused[0](x).split(fused[1], dim=-1)
+
+
 class Attention(nn.Module):
+    fused = None  # prepare_decoding: one module over q_proj's, k_proj's and v_proj's rows (`fuse`)
+
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
@@ -244,9 +277,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         hd, nkv = self.head_dim, self.n_kv_heads
         rep = self.n_heads // nkv
-        q = self.q_proj(x).reshape(B, T, self.n_heads, hd).transpose(1, 2)
-        k = self.k_proj(x).reshape(B, T, nkv, hd).transpose(1, 2)
-        v = self.v_proj(x).reshape(B, T, nkv, hd).transpose(1, 2)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), self.fused)
+        q = q.reshape(B, T, self.n_heads, hd).transpose(1, 2)
+        k = k.reshape(B, T, nkv, hd).transpose(1, 2)
+        v = v.reshape(B, T, nkv, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is None:  # training and references: plain causal attention
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -267,6 +301,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    fused = None  # prepare_decoding: one module over gate_proj's and up_proj's rows (`fuse`)
+
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.gate_proj = Linear(a.dim, a.intermediate_size, bias=False)
@@ -274,7 +310,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(a.intermediate_size, a.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, (self.gate_proj, self.up_proj), self.fused)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -333,8 +370,8 @@ def onednn_bf16_packing() -> bool:
 
 def pack_weights(model: nn.Module):
     """Gives every `Linear` of model oneDNN's packed copy of its weight when that pays: bf16 on a
-    CPU that oneDNN packs for (see `linear`). The copies are for inference: refresh them after
-    changing the weights."""
+    CPU that oneDNN packs for (see `linear`). The copies are for inference: after changing the
+    weights, refresh them with Transformer.prepare_decoding, which rebuilds the fused ones too."""
     packable = onednn_bf16_packing()
     for m in model.modules():
         if isinstance(m, Linear):
@@ -507,8 +544,9 @@ class Transformer(nn.Module):
         "int8" (every linear layer and the head rows; the embedding stays), and oneDNN-packed bf16
         weights on CPUs that allow it (onednn_bf16_packing). The head over rows [lo, hi) becomes
         its own module, so that a tied head is packed or quantized for the rows that are sampled
-        only. Memory: packing keeps the weights too (autograd and saving use them), so bf16 linear
-        weights take twice their size; int8 replaces them. Returns self."""
+        only. Where packed, the layers that read the same input (q, k, v; gate, up) run as one call
+        each (`fuse`). Memory: packing keeps the weights too (autograd and saving use
+        them), so bf16 linear weights take twice their size; int8 replaces them. Returns self."""
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         lo, hi = vocab
@@ -524,6 +562,10 @@ class Transformer(nn.Module):
             module.weight = nn.Parameter(head, requires_grad=False)
             pack_weights(self)
             pack_weights(module)
+        for block in self.layers:
+            attn, mlp = block.self_attn, block.mlp
+            attn.fused = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+            mlp.fused = fuse([mlp.gate_proj, mlp.up_proj])
         self.decode_head = (lo, hi, module)
         return self
 

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from model import (Int8Linear, ModelArgs, Transformer, onednn_bf16_packing, read_safetensors,
-                   resolve_dtype)
+from model import (Int8Linear, ModelArgs, Transformer, onednn_bf16_packing, pack_weights,
+                   read_safetensors, resolve_dtype)
 
 transformers = pytest.importorskip("transformers")
 
@@ -401,9 +401,17 @@ def test_prepared_decoding_kernels_match_the_plain_path(tiny):
     bf16.load_state_dict(tiny.state_dict())
     bf16 = bf16.to(torch.bfloat16)
     plain = bf16(tokens, vocab=(lo, hi))
+    keys = bf16.state_dict().keys()
     packed = bf16.prepare_decoding((lo, hi))(tokens, vocab=(lo, hi))
     # packed where oneDNN can pack bf16 (AVX512 or AVX-NE-CONVERT); F.linear elsewhere
-    assert (bf16.layers[0].mlp.up_proj.packed is not None) == onednn_bf16_packing()
+    assert (bf16.layers[0].mlp.down_proj.packed is not None) == onednn_bf16_packing()
+    # ... and q, k, v (gate, up) then run as one packed matmul: the same numbers as one each
+    assert (bf16.layers[0].self_attn.fused is not None) == onednn_bf16_packing()
+    assert bf16.state_dict().keys() == keys
+    for block in bf16.layers:
+        block.self_attn.fused = block.mlp.fused = None
+    pack_weights(bf16)
+    assert torch.equal(bf16(tokens, vocab=(lo, hi)), packed)
     assert (packed - plain).abs().max() <= 0.02 * plain.abs().max()
     assert (packed - want).abs().max() <= 0.05 * want.abs().max()
     assert sum(p.numel() for p in bf16.parameters()) == sum(p.numel() for p in tiny.parameters())
