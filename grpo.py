@@ -2,7 +2,7 @@
 pretraining and SFT).
 
     # the nano recipe's stage 5: the shapes world's judge as the reward
-    python grpo.py --ckpt runs/nano/lm/step_0009600 --vq runs/nano/vq --out runs/grpo --steps 200 \\
+    python grpo.py --ckpt runs/nano/lm/step_0016000 --vq runs/nano/vq --out runs/grpo --steps 200 \\
         --prompts-per-step 16 --group 8 --lr 1e-4 --schedule cosine --min-lr-ratio 0.1 --beta 0
     # SimpleAR's own stage: 7 ranks x (1 caption x 4 images) a step, CLIP-H reward, 1024²
     torchrun --standalone --nproc_per_node=7 grpo.py --preset simplear --ckpt SFT_DIR \\
