@@ -61,6 +61,7 @@ LM_BATCH=${LM_BATCH:-16}
 RL_STEPS=${RL_STEPS:-200}
 RL_PROMPTS=${RL_PROMPTS:-16}
 RL_GROUP=${RL_GROUP:-8}
+LM_ARGS=${LM_ARGS:-}  # more train.py flags, e.g. --compile (nano.md)
 EVAL_ARGS=${EVAL_ARGS:-}
 SEED=${SEED:-0}  # the LM's scenes, every init and order, the RL draws (the tokenizer's scenes and
                  # the benchmark stay)
@@ -118,7 +119,7 @@ stage lm $PY train.py --config "$LM_CONFIG" --tokenizer "$WORK/data/tokenizer" \
   --data "$WORK/codes" --out "$WORK/lm" --resolution "$IMAGE_SIZE" --steps "$LM_STEPS" \
   --batch-size "$LM_BATCH" --lr 1e-3 --schedule cosine --warmup-steps 100 --min-lr-ratio 0.1 \
   --weight-decay 0.1 --beta2 0.95 --p-drop-cond 0.1 --save-every 0 --keep 1 --log-every 10 \
-  --seed "$SEED" --no-progress
+  --seed "$SEED" --no-progress $LM_ARGS
 LM="$WORK/lm/$(cat "$WORK/lm/latest")"
 # sample.py, eval.py and grpo.py take their default sampling settings from here: no repetition
 # penalty (SimpleAR ships 1.1), guidance 2 against the caption-dropout sequence the model trained on
