@@ -233,10 +233,11 @@ def fuse(parts: list[nn.Module]) -> tuple[nn.Module, list[int]] | None:
     """One packed module over the output rows of parts, linear layers that read the same input (q,
     k, v; gate, up), and each part's row count, for `project`; None unless the parts are packed
     (`pack_weights`). A decode step then makes one call where it made len(parts), as gpt-fast
-    fuses wq, wk and wv: alone, the 2-row k and v projections of the 0.5B shape are too small for
-    oneDNN to read at the memory's speed. Exact: each output is the same dot product. The parts
-    hand their packed copies over and keep their weights (for autograd and saving), so memory
-    stays as it was. int8 weights are not fused: PyTorch's int8 kernel gained nothing from it."""
+    fuses wq, wk and wv: alone, the k and v matrices of the 0.5B shape ([128, 896]) are too small
+    for oneDNN to read at the memory's speed with the 2 rows of a CFG pair. Each output is the
+    same dot product (bitwise the same on the CPUs we tried). The parts hand their packed copies
+    over and keep their weights (for autograd and saving), so memory stays as it was. int8
+    weights are not fused: PyTorch's int8 kernel gained nothing from it."""
     if not all(isinstance(m, Linear) and m.packed is not None for m in parts):
         return None
     sizes = [m.weight.shape[0] for m in parts]
@@ -370,10 +371,12 @@ def onednn_bf16_packing() -> bool:
 
 def pack_weights(model: nn.Module):
     """Gives every `Linear` of model oneDNN's packed copy of its weight when that pays: bf16 on a
-    CPU that oneDNN packs for (see `linear`). The copies are for inference: after changing the
-    weights, refresh them with Transformer.prepare_decoding, which rebuilds the fused ones too."""
+    CPU that oneDNN packs for (see `linear`), and drops the fused copies (`fuse`). The copies are
+    for inference: after changing the weights, Transformer.prepare_decoding refreshes them all."""
     packable = onednn_bf16_packing()
     for m in model.modules():
+        if getattr(m, "fused", None) is not None:
+            m.fused = None  # a stale fused copy goes before its parts are packed anew (`fuse`)
         if isinstance(m, Linear):
             w = m.weight.detach()
             pack = packable and w.device.type == "cpu" and w.dtype == torch.bfloat16

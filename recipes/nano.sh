@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The nano recipe: SimpleAR's whole pipeline at laptop scale, from nothing to the shipped
-# checkpoints/nano/.
+# The nano recipe: SimpleAR's whole pipeline at laptop scale, from nothing to a model in
+# checkpoints/nano/ (the shipped one is the best of its runs: SEED=2 LM_STEPS=9600 in float32).
 #
 #     bash recipes/nano.sh                      # ~1 h on 2 CPU cores; work files in runs/nano/
 #     THREADS=1 bash recipes/nano.sh            # on a machine someone else is using too (see below)
@@ -53,9 +53,9 @@ LM_CONFIG=${LM_CONFIG:-nano}
 # train.py's --dtype auto trains under bf16 autocast where the CPU computes bf16 natively
 # (AVX512-BF16, AMX): 1.6x float32's tokens/s on a 2-core EPYC. 16,000 steps: each of three seeds
 # beat every seed of 9,600 on the validation prompts (nano.md); 59.5 min in all on a 2-core AMX
-# Xeon, over the hour on the AVX512-BF16 EPYC. A CPU without bf16 trains in float32: LM_STEPS=9600
-# took 79-104 min in all on two AVX2-only EPYCs with 100 RL steps, ~11 more with 200, not counting
-# the tokenizer (copied); LM_STEPS=6000 saves a third of the LM's time.
+# Xeon (one unpaused run), ~80 on the AVX512-BF16 EPYC (est.). A CPU without bf16 trains in
+# float32: with LM_STEPS=9600, 79-104 min in all, tokenizer included, on two AVX2-only EPYCs with
+# 100 RL steps, ~11 more with 200; a third took 96 min with 200 without the tokenizer.
 LM_STEPS=${LM_STEPS:-16000}
 LM_BATCH=${LM_BATCH:-16}
 RL_STEPS=${RL_STEPS:-200}

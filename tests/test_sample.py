@@ -429,6 +429,27 @@ def test_compiled_step_compiles_once_and_equals_eager(lm):
     lm.cache = None
 
 
+def test_compiled_step_reads_plain_weights_of_a_prepared_bf16_model(lm):
+    """A model readied for decoding in bf16 (packed, with fused projections where oneDNN packs
+    bf16) compiles to one graph as well: the graph reads the weights themselves, never the packed
+    or fused copies (whose own weights stay on the meta device); its codes are eager's on the
+    same weights, give or take a bf16 rounding."""
+    bf16 = Transformer(lm.args).eval()
+    bf16.load_state_dict(lm.state_dict())
+    bf16 = bf16.to(torch.bfloat16)
+    plain = generate(bf16, [[301, 5, 17, 9, 302]], [301, 8, 302], TEXT, CODES, 10, [0],
+                     Sampling(top_k=1), progress=False)
+    bf16.prepare_decoding((TEXT, TEXT + CODES))
+    torch._dynamo.reset()
+    sample._compiled_steps.clear()
+    torch._dynamo.utils.counters.clear()
+    compiled = generate(bf16, [[301, 5, 17, 9, 302]], [301, 8, 302], TEXT, CODES, 10, [0],
+                        Sampling(top_k=1), compile=True, progress=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert (compiled == plain).float().mean() >= 0.8
+    bf16.cache = None
+
+
 def test_position_limit_is_checked_before_any_work():
     lm = Transformer(ModelArgs(vocab_size=TEXT + CODES, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
                                intermediate_size=64, max_position_embeddings=40)).eval()
