@@ -191,16 +191,19 @@ def linear(x, w, b=None, packed=None):
     return y.reshape(*x.shape[:-1], -1)
 
 
+def packed_allowed() -> bool:
+    """Whether a call may use the packed and fused copies (`pack_weights`, `fuse`): they are eager
+    kernels for inference, so autograd and compiled graphs use the weights themselves."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 class Linear(nn.Linear):
     """nn.Linear through `linear`; `packed` holds oneDNN's copy of the weight once packed."""
 
     packed = None
 
     def forward(self, x):
-        # the packed copy is an eager kernel for inference; compiled graphs and training use weight
-        fast = self.packed is not None and not torch.is_grad_enabled()
-        packed = self.packed if fast and not torch.compiler.is_compiling() else None
-        return linear(x, self.weight, self.bias, packed)
+        return linear(x, self.weight, self.bias, self.packed if packed_allowed() else None)
 
 
 class Int8Linear(nn.Module):
@@ -255,7 +258,7 @@ def fuse(parts: list[nn.Module]) -> tuple[nn.Module, list[int]] | None:
 def project(x, parts, fused):
     """Each of parts' outputs for x [..., K]: one call through fused (`fuse`) in eager inference,
     each part's own under autograd and torch.compile (which never see the packed copies)."""
-    if fused is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if fused is None or not packed_allowed():
         return tuple(m(x) for m in parts)
     return fused[0](x).split(fused[1], dim=-1)
 

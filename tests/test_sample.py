@@ -437,14 +437,13 @@ def test_compiled_step_reads_plain_weights_of_a_prepared_bf16_model(lm):
     bf16 = Transformer(lm.args).eval()
     bf16.load_state_dict(lm.state_dict())
     bf16 = bf16.to(torch.bfloat16)
-    plain = generate(bf16, [[301, 5, 17, 9, 302]], [301, 8, 302], TEXT, CODES, 10, [0],
-                     Sampling(top_k=1), progress=False)
+    args = ([[301, 5, 17, 9, 302]], [301, 8, 302], TEXT, CODES, 10, [0], Sampling(top_k=1))
+    plain = generate(bf16, *args, progress=False)
     bf16.prepare_decoding((TEXT, TEXT + CODES))
     torch._dynamo.reset()
     sample._compiled_steps.clear()
     torch._dynamo.utils.counters.clear()
-    compiled = generate(bf16, [[301, 5, 17, 9, 302]], [301, 8, 302], TEXT, CODES, 10, [0],
-                        Sampling(top_k=1), compile=True, progress=False)
+    compiled = generate(bf16, *args, compile=True, progress=False)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert (compiled == plain).float().mean() >= 0.8
     bf16.cache = None
