@@ -64,7 +64,9 @@ beta = 0 skips the uninformative groups). Rank 0 logs and saves. A 2-process run
 1-process one (tested). Checkpoints are train.py's (Hugging Face directories plus trainer.pt,
 `latest` names the newest); each carries the starting checkpoint's generation_config.json. Every
 step's randomness (captions, image seeds) derives from (--seed, step), so a resumed run repeats
-the uninterrupted one.
+the uninterrupted one. With --val-every N, rank 0 scores the policy every N steps on shapes.py's
+validation prompts, which RL never draws, and {out}/best holds the best-scoring policy of steps N,
+2N, ... (its validation.json says which): the nano recipe ships that one, not the last.
 """
 import copy
 import functools
@@ -73,6 +75,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -169,6 +172,12 @@ def get_parser():
     p.add_argument("--save-every", type=int, default=0,
                    help="checkpoint every N steps and at the end; 0: end only")
     p.add_argument("--keep", type=int, default=1, help="checkpoints to keep; 0: all")
+    g = p.add_argument_group("validation: keep the best policy (shapes-world models)")
+    g.add_argument("--val-every", type=int, default=0, metavar="N",
+                   help="every N steps, score the policy on shapes.py's validation prompts "
+                   "(GenEval-nano at the checkpoint's own sampling settings, the same image seeds "
+                   "each time) and keep the best so far in {out}/best; 0: off")
+    g.add_argument("--val-n", type=int, default=4, help="images per validation prompt")
     p.add_argument("--resume", nargs="?", const="auto",
                    help="continue from a grpo.py checkpoint directory, or (no value / auto) from "
                    "{out}/latest when there is one")
@@ -473,13 +482,13 @@ def gather_rewards(local, world, G) -> np.ndarray:
 
 
 def check_flags(args):
-    for name in ("steps", "prompts_per_step", "micro_batch", "loss_chunk"):
+    for name in ("steps", "prompts_per_step", "micro_batch", "loss_chunk", "val_n"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.group < 2:
         raise ValueError(f"--group must be >= 2 (an advantage compares images of one caption), "
                          f"got {args.group}")
-    for name in ("lr", "beta", "warmup_steps", "grad_clip"):
+    for name in ("lr", "beta", "warmup_steps", "grad_clip", "val_every"):
         if not getattr(args, name) >= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0 <= args.warmup_ratio < 1 or not 0 <= args.min_lr_ratio <= 1:
@@ -503,7 +512,7 @@ def update_autocast(dtype, device):
 # (not --steps: a run may be extended, as train.py's; nor the world size: ranks change nothing)
 RUN_ARGS = ("prompts", "prompts_per_step", "group", "categories", "reward", "seed", "lr",
             "schedule", "warmup_steps", "warmup_ratio", "min_lr_ratio", "beta", "logprob", "size",
-            "grad_clip")
+            "grad_clip", "val_every", "val_n")
 
 
 def check_resume(args, state, resume, captions_file):
@@ -527,6 +536,19 @@ def check_guided(settings, K):
                          "no top-k below the codebook, --top-p 1 and --repetition-penalty 1, got "
                          f"top-k {settings.top_k}, top-p {settings.top_p}, repetition penalty "
                          f"{settings.repetition_penalty}")
+
+
+# the validation's image seeds: image j of a prompt draws from VAL_SEED + j, apart from the seeds
+# eval.py reports with (0 + j by default), which so never score the images a policy was chosen on
+VAL_SEED = 1_000_000
+
+
+def validate(roller, tok, vq, prompts, size, n, settings, batch_size, speculative) -> dict:
+    """shapes.evaluate's GenEval-nano report of n images per validation prompt from the policy."""
+    samples = sample.text_to_image(roller, tok, vq, [p["caption"] for p in prompts], size, n,
+                                   VAL_SEED, settings, batch_size=batch_size, progress=False,
+                                   jacobi=speculative)
+    return shapes.evaluate(prompts, samples.images)
 
 
 def run(args):
@@ -590,6 +612,12 @@ def grpo(args, rank, world, device):
         exclude = shapes.held_out()
         probe = captions_file or [c for _, c in draw_captions(np.random.default_rng([args.seed, 0]),
                                                               P, args.categories, exclude)]
+        # validation: what eval.py would report, at the checkpoint's own settings
+        val_prompts = shapes.prompt_set(split="validation") if args.val_every else []
+        val_settings = sample.Sampling.from_checkpoint(ckpt)
+        if val_prompts:
+            sample.check_request(["x"], size, args.val_n, P * G, VAL_SEED, vq.spatial_compression)
+        probe = probe + [p["caption"] for p in val_prompts]
         ids = data.encode_prompts(tok, [max(probe, key=len)])  # the longest prompt
         negative = data.encode_negative(tok, settings.negative_prompt)
         side = size // vq.spatial_compression
@@ -614,11 +642,17 @@ def grpo(args, rank, world, device):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: train.lr_factor(s, args.schedule, warmup, args.steps, args.min_lr_ratio))
-    step = 0
+    step, best = 0, None  # best: the step and report of the best validation so far
     if state:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        step = state["step"]
+        step, best = state["step"], state.get("best")
+
+    def refresh():  # the rollout copy takes the policy's weights
+        model.eval()
+        if roller is not model:
+            roller.load_state_dict(model.state_dict())
+            roller.prepare_decoding(vocab)
     lo, hi = shares(P, world)[rank]
     log = open(os.path.join(args.out, "log.jsonl"), "a", encoding="utf-8") if master else None
     end = min(args.steps, step + args.stop_after) if args.stop_after else args.steps
@@ -639,10 +673,7 @@ def grpo(args, rank, world, device):
         seeds = [base + p * G for p in range(P)]  # image g of caption p: base + p * G + g
 
         # rollouts of this rank's captions, decoded and scored; every rank gets all rewards
-        model.eval()
-        if roller is not model:
-            roller.load_state_dict(model.state_dict())
-            roller.prepare_decoding(vocab)
+        refresh()
         rollout = sample.text_to_image(roller, tok, vq, captions[lo:hi], size, G, seeds[lo:hi],
                                        settings, batch_size=(hi - lo) * G, progress=False,
                                        jacobi=speculative) if hi > lo else None
@@ -678,6 +709,22 @@ def grpo(args, rank, world, device):
             record["rewards"] = {k: round(float(v.mean()), 4) for k, v in parts.items()}
         if kl is not None:
             record["kl"] = round(kl, 6)
+
+        # validation (rank 0): RL's reward can collapse late in a run (recipes/nano.md), so the
+        # best policy so far is kept aside, chosen on prompts RL never draws
+        if args.val_every and step % args.val_every == 0 and master:
+            refresh()
+            report = validate(roller, tok, vq, val_prompts, size, args.val_n, val_settings, P * G,
+                              speculative)
+            record["validation"] = round(report["overall"], 4)
+            if best is None or report["overall"] > best["overall"]:
+                best = dict(step=step, overall=report["overall"],
+                            categories={k: v["accuracy"] for k, v in report["categories"].items()})
+                text = json.dumps(dict(best, val_n=args.val_n, seed=VAL_SEED), indent=1) + "\n"
+                train.save_model_dir(os.path.join(args.out, "best"), model, tok, aux,
+                                     lambda d: Path(d, "validation.json").write_text(text))
+            bar.write(f"step {step}: validation {report['overall']:.3f}, the best "
+                      f"{best['overall']:.3f} at step {best['step']}")
         if categories:
             record["categories"] = {}
             # which kinds of caption the model gets right, step by step (the mean reward:
@@ -697,6 +744,7 @@ def grpo(args, rank, world, device):
             if master:
                 trainer = dict(step=step, optimizer=opt.state_dict(),
                                scheduler=sched.state_dict(), args=vars(args), world_size=world,
+                               best=best,
                                prompts=dict(file=args.prompts, position=step * P,
                                             count=len(captions_file) if captions_file else None))
                 path = train.save_checkpoint(args.out, step, model, tok, aux, trainer, args.keep)

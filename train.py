@@ -486,25 +486,38 @@ def peak_flops(args, device, dtype) -> float:
 
 
 # -------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out, step, model, tok, aux, trainer_state, keep):
-    """{out}/step_N: written as {out}/.step_N.tmp, renamed, then {out}/latest names it; older ones
-    pruned."""
-    name = f"step_{step:07d}"
+def save_model_dir(path, model, tok, aux, extra=None):
+    """A Hugging Face directory at path: the model, tokenizer.json, the aux files {name: bytes} and
+    whatever extra(tmp_dir) writes, as .{name}.tmp beside it renamed over any old one: a reader
+    never sees half of it, and a killed save leaves only the temporary (the next save removes
+    it)."""
+    out, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(out, f".{name}.tmp")
-    final = os.path.join(out, name)
-    for d in os.listdir(out):  # debris of a save that was killed
-        if d.startswith(".step_"):
-            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    if os.path.exists(tmp):  # debris of a save that was killed
+        shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tok.save(os.path.join(tmp, "tokenizer.json"))
     for n, content in aux.items():
         Path(tmp, n).write_bytes(content)
-    torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
-    if os.path.exists(final):  # a rerun from an older checkpoint reaches this step again
+    if extra:
+        extra(tmp)
+    if os.path.exists(path):  # a rerun reaching this step again; the best one replaced
         old = os.path.join(out, f".{name}.old")
-        os.replace(final, old)
+        os.replace(path, old)
         shutil.rmtree(old)
-    os.replace(tmp, final)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out, step, model, tok, aux, trainer_state, keep):
+    """{out}/step_N (save_model_dir, with trainer.pt), then {out}/latest names it; older ones
+    pruned."""
+    name = f"step_{step:07d}"
+    final = os.path.join(out, name)
+    for d in os.listdir(out):  # debris of a save that was killed
+        if d.startswith(".step_"):
+            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    save_model_dir(final, model, tok, aux,
+                   lambda tmp: torch.save(trainer_state, os.path.join(tmp, "trainer.pt")))
     # only now is the new one "the" checkpoint
     write_atomic(os.path.join(out, "latest"),
                  lambda path: Path(path).write_text(name + "\n", encoding="utf-8"))

@@ -61,6 +61,8 @@ LM_BATCH=${LM_BATCH:-16}
 RL_STEPS=${RL_STEPS:-200}
 RL_PROMPTS=${RL_PROMPTS:-16}
 RL_GROUP=${RL_GROUP:-8}
+RL_VAL_EVERY=${RL_VAL_EVERY:-0}  # N: ship RL's best on validation of steps N, 2N, ... (grpo.py
+                                 # --val-every; nano.md), not its last step
 LM_ARGS=${LM_ARGS:-}  # more train.py flags, e.g. --compile (nano.md)
 EVAL_ARGS=${EVAL_ARGS:-}
 SEED=${SEED:-0}  # the LM's scenes, every init and order, the RL draws (the tokenizer's scenes and
@@ -136,10 +138,11 @@ echo '{"repetition_penalty": 1.0, "guidance_scale": 2.0, "negative_prompt": "", 
 stage rl $PY grpo.py --ckpt "$LM" --vq "$WORK/vq" --out "$WORK/rl" --steps "$RL_STEPS" \
   --prompts-per-step "$RL_PROMPTS" --group "$RL_GROUP" --lr 1e-4 --schedule cosine \
   --min-lr-ratio 0.1 --beta 0 --temperature 1.0 --categories $RL_CATEGORIES --seed "$SEED" \
-  --no-progress
+  --val-every "$RL_VAL_EVERY" --no-progress
 
 ship() {
   local rl="$WORK/rl/$(cat "$WORK/rl/latest")" tmp="$OUT.tmp$$"
+  if [ "$RL_VAL_EVERY" != 0 ]; then rl="$WORK/rl/best"; fi
   rm -rf "$tmp"
   mkdir -p "$tmp/vq"
   cp "$rl/config.json" "$rl/model.safetensors" "$rl/tokenizer.json" "$rl/generation_config.json" \
@@ -148,6 +151,7 @@ ship() {
     "$WORK/vq/log.jsonl" "$tmp/vq/"
   cp "$WORK/lm/log.jsonl" "$tmp/log.jsonl"
   cp "$WORK/rl/log.jsonl" "$tmp/rl_log.jsonl"
+  if [ -f "$rl/validation.json" ]; then cp "$rl/validation.json" "$tmp/rl_validation.json"; fi
   rm -rf "$OUT.old"
   if [ -e "$OUT" ]; then mv "$OUT" "$OUT.old"; fi
   mv "$tmp" "$OUT"

@@ -196,7 +196,44 @@ def test_run_writes_checkpoints_and_resumed_equals_uninterrupted(tiny, tmp_path,
                                                       for r in log)
 
 
+def test_best_is_the_policy_of_the_best_validation_and_survives_a_resume(tiny, tmp_path,
+                                                                         monkeypatch):
+    """--val-every 1: every step's validation is logged, {out}/best holds the weights of the step
+    that scored highest (the earliest of ties), and an interrupted, resumed run keeps the same."""
+    lm, vq = tiny
+    monkeypatch.setattr(grpo, "geneval_reward",
+                        lambda captions, images: images.mean(axis=(2, 3, 4)) / 255)
+    # the tiny model draws no scene: score validation by brightness, which the reward raises, and
+    # which must therefore move between steps
+    monkeypatch.setattr(grpo.shapes, "evaluate", lambda prompts, images: dict(
+        overall=float(np.mean([np.mean(i) for imgs in images for i in imgs])) / 255,
+        categories={"two_object": dict(accuracy=0.5, images=len(images))}))
+    argv = ["--ckpt", lm, "--vq", vq, "--size", "32", "--prompts-per-step", "3", "--group", "2",
+            "--temperature", "5", "--lr", "3e-2", "--beta", "0", "--steps", "4", "--save-every",
+            "1", "--keep", "0", "--val-every", "1", "--val-n", "1", "--dtype", "float32",
+            "--no-progress"]
+    grpo.main([*argv, "--out", str(tmp_path / "a")])
+    grpo.main([*argv, "--out", str(tmp_path / "b"), "--stop-after", "2"])
+    grpo.main([*argv, "--out", str(tmp_path / "b"), "--resume"])
+    scores = [r["validation"] for r in read_log(tmp_path / "a")]
+    assert len(scores) == 4 and len(set(scores)) > 1
+    chosen = json.loads((tmp_path / "a" / "best" / "validation.json").read_text())
+    assert chosen["step"] == 1 + int(np.argmax(scores))
+    assert round(chosen["overall"], 4) == max(scores)
+    best = Transformer.from_pretrained(tmp_path / "a" / "best").state_dict()
+    then = Transformer.from_pretrained(tmp_path / "a" / f"step_{chosen['step']:07d}").state_dict()
+    assert all(torch.equal(best[k], then[k]) for k in best)
+    # a loadable checkpoint, sampling defaults included
+    assert json.loads((tmp_path / "a" / "best" / "generation_config.json").read_text())
+    assert json.loads((tmp_path / "b" / "best" / "validation.json").read_text()) == chosen
+    resumed = Transformer.from_pretrained(tmp_path / "b" / "best").state_dict()
+    assert all(torch.equal(best[k], resumed[k]) for k in best)
+    assert [r["validation"] for r in read_log(tmp_path / "b")] == scores
+
+
 @pytest.mark.parametrize("flags, word", [(["--group", "1"], "--group"),
+                                         (["--val-every", "-1"], "--val-every"),
+                                         (["--val-n", "0"], "--val-n"),
                                          (["--categories", "cats"], "cats"),
                                          (["--categories", "colors"], "no caption RL may draw"),
                                          (["--categories", "cats", "--prompts", "CAPS"], "cats"),

@@ -172,12 +172,19 @@ def test_recipe_runs_at_toy_scale(tmp_path):
                  "eval_validation/results.json", "eval_wide/results.json",
                  "samples_grid.png", "log.jsonl", "rl_log.jsonl", "vq/log.jsonl", "vq/psnr.json"):
         assert os.path.isfile(tmp_path / "ship" / name), name
+    assert not os.path.exists(tmp_path / "ship" / "rl_validation.json")
     # VQ= keeps a trained tokenizer: stage 2 copies it, and a directory that is not one, or that
-    # the recipe would empty first, is refused before anything is deleted
+    # the recipe would empty first, is refused before anything is deleted; RL_VAL_EVERY ships
+    # RL's best on validation
     vq = tmp_path / "ship" / "vq"
-    again = dict(env, WORK=str(tmp_path / "again"), OUT=str(tmp_path / "ship2"), VQ=str(vq))
+    again = dict(env, WORK=str(tmp_path / "again"), OUT=str(tmp_path / "ship2"), VQ=str(vq),
+                 RL_STEPS="2", RL_VAL_EVERY="1")
     r = subprocess.run(["bash", script], env=again, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+    best = json.loads((tmp_path / "again" / "rl" / "best" / "validation.json").read_text())
+    assert json.loads((tmp_path / "ship2" / "rl_validation.json").read_text()) == best
+    assert ((tmp_path / "ship2" / "model.safetensors").read_bytes()
+            == (tmp_path / "again" / "rl" / "best" / "model.safetensors").read_bytes())
     shipped = tmp_path / "ship2" / "vq" / "model.safetensors"
     assert shipped.read_bytes() == (vq / "model.safetensors").read_bytes()
     for bad, word in ((tmp_path / "ship", "no psnr.json"), (tmp_path / "again" / "vq", "overlap")):
