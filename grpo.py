@@ -538,8 +538,8 @@ def check_guided(settings, K):
                          f"{settings.repetition_penalty}")
 
 
-# the validation's image seeds: image j of a prompt draws from VAL_SEED + j, apart from the seeds
-# eval.py reports with (0 + j by default), which so never score the images a policy was chosen on
+# the validation's image seeds: image j of a prompt draws from VAL_SEED + j, apart from eval.py's
+# (0 + j by default), so that its reports never score the images a policy was chosen on
 VAL_SEED = 1_000_000
 
 
@@ -709,6 +709,14 @@ def grpo(args, rank, world, device):
             record["rewards"] = {k: round(float(v.mean()), 4) for k, v in parts.items()}
         if kl is not None:
             record["kl"] = round(kl, 6)
+        if categories:
+            record["categories"] = {}
+            # which kinds of caption the model gets right, step by step (the mean reward:
+            # with geneval-nano-parts, the mean credit)
+            for c in dict.fromkeys(args.categories):
+                hits = [rewards[i].mean() for i, k in enumerate(categories) if k == c]
+                if hits:
+                    record["categories"][c] = round(float(np.mean(hits)), 3)
 
         # validation (rank 0): RL's reward can collapse late in a run (recipes/nano.md), so the
         # best policy so far is kept aside, chosen on prompts RL never draws
@@ -725,14 +733,7 @@ def grpo(args, rank, world, device):
                                      lambda d: Path(d, "validation.json").write_text(text))
             bar.write(f"step {step}: validation {report['overall']:.3f}, the best "
                       f"{best['overall']:.3f} at step {best['step']}")
-        if categories:
-            record["categories"] = {}
-            # which kinds of caption the model gets right, step by step (the mean reward:
-            # with geneval-nano-parts, the mean credit)
-            for c in dict.fromkeys(args.categories):
-                hits = [rewards[i].mean() for i, k in enumerate(categories) if k == c]
-                if hits:
-                    record["categories"][c] = round(float(np.mean(hits)), 3)
+
         if master:
             log.write(json.dumps(record) + "\n")
             log.flush()
