@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The nano recipe: SimpleAR's whole pipeline at laptop scale, from nothing to a model in
-# checkpoints/nano/ (the shipped one is the best of its runs: SEED=2 LM_STEPS=9600 in float32).
+# checkpoints/nano/ (the shipped one: SEED=2 with these defaults, bf16, on a 2-core EPYC).
 #
-#     bash recipes/nano.sh                      # ~1 h on 2 CPU cores; work files in runs/nano/
+#     bash recipes/nano.sh                      # 42-60 min on 2 bf16 CPU cores; files in runs/nano/
 #     THREADS=1 bash recipes/nano.sh            # on a machine someone else is using too (see below)
 #     WORK=/tmp/nano OUT=/tmp/nano-ship bash recipes/nano.sh   # elsewhere; OUT is what
 #                                                              # sample.py --ckpt takes
@@ -52,8 +52,8 @@ VQ_IMAGES=${VQ_IMAGES:-20000}
 LM_CONFIG=${LM_CONFIG:-nano}
 # train.py's --dtype auto trains under bf16 autocast where the CPU computes bf16 natively
 # (AVX512-BF16, AMX): 1.6x float32's tokens/s on a 2-core EPYC. 16,000 steps: each of three seeds
-# beat every seed of 9,600 on the validation prompts (nano.md); 59.5 min in all on a 2-core AMX
-# Xeon (one unpaused run), ~80 on the AVX512-BF16 EPYC (est.). A CPU without bf16 trains in
+# beat every seed of 9,600 on the validation prompts (nano.md); 41.8 min in all on a 2-core
+# AVX512-BF16 EPYC, 59.5 on a 2-core AMX Xeon (one unpaused run each). A CPU without bf16 trains in
 # float32: with LM_STEPS=9600, 79-104 min in all, tokenizer included, on two AVX2-only EPYCs with
 # 100 RL steps, ~11 more with 200; a third took 96 min with 200 without the tokenizer.
 LM_STEPS=${LM_STEPS:-16000}
