@@ -3,7 +3,8 @@ pretraining and SFT).
 
     # the nano recipe's stage 5: the shapes world's judge as the reward
     python grpo.py --ckpt runs/nano/lm/step_0016000 --vq runs/nano/vq --out runs/grpo --steps 200 \\
-        --prompts-per-step 16 --group 8 --lr 1e-4 --schedule cosine --min-lr-ratio 0.1 --beta 0
+        --prompts-per-step 16 --group 8 --lr 1e-4 --schedule cosine --min-lr-ratio 0.1 --beta 0 \\
+        --val-every 20
     # SimpleAR's own stage: 7 ranks x (1 caption x 4 images) a step, CLIP-H reward, 1024²
     torchrun --standalone --nproc_per_node=7 grpo.py --preset simplear --ckpt SFT_DIR \\
         --vq nvidia/Cosmos-1.0-Tokenizer-DV8x16x16 --prompts captions.json \\
@@ -73,6 +74,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -647,6 +649,15 @@ def grpo(args, rank, world, device):
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, best = state["step"], state.get("best")
+    # {out}/best must be this run's: another run's, or one from steps a resumed run replays, goes
+    kept = os.path.join(args.out, "best", "validation.json")
+    if master and os.path.isdir(os.path.join(args.out, "best")):
+        ours = best is not None and os.path.isfile(kept) and json.loads(
+            Path(kept).read_text(encoding="utf-8"))["step"] == best["step"]
+        if not ours:
+            warn(PROG, f"removing {os.path.join(args.out, 'best')}: not this run's best")
+            shutil.rmtree(os.path.join(args.out, "best"))
+            best = None
 
     def refresh():  # the rollout copy takes the policy's weights
         model.eval()

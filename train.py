@@ -488,11 +488,16 @@ def peak_flops(args, device, dtype) -> float:
 # -------------------------------------------------------------------------------------- checkpoints
 def save_model_dir(path, model, tok, aux, extra=None):
     """A Hugging Face directory at path: the model, tokenizer.json, the aux files {name: bytes} and
-    whatever extra(tmp_dir) writes, as .{name}.tmp beside it renamed over any old one: a reader
-    never sees half of it, and a killed save leaves only the temporary (the next save removes
-    it)."""
+    whatever extra(tmp_dir) writes, as .{name}.tmp beside it renamed over any old one (moved to
+    .{name}.old first): a reader never sees half of it, and the next save cleans up after a
+    killed one, restoring the old directory if the swap was cut between its two renames."""
     out, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(out, f".{name}.tmp")
+    tmp, old = os.path.join(out, f".{name}.tmp"), os.path.join(out, f".{name}.old")
+    if os.path.exists(old):  # a save killed mid-swap: the old directory is still the one
+        if os.path.exists(path):
+            shutil.rmtree(old)
+        else:
+            os.replace(old, path)
     if os.path.exists(tmp):  # debris of a save that was killed
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
@@ -502,10 +507,9 @@ def save_model_dir(path, model, tok, aux, extra=None):
     if extra:
         extra(tmp)
     if os.path.exists(path):  # a rerun reaching this step again; the best one replaced
-        old = os.path.join(out, f".{name}.old")
         os.replace(path, old)
-        shutil.rmtree(old)
     os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(out, step, model, tok, aux, trainer_state, keep):

@@ -2,11 +2,11 @@
 # The nano recipe: SimpleAR's whole pipeline at laptop scale, from nothing to a model in
 # checkpoints/nano/ (the shipped one: SEED=2 with these defaults, bf16, on a 2-core EPYC).
 #
-#     bash recipes/nano.sh                      # 42-60 min on 2 bf16 CPU cores; files in runs/nano/
+#     bash recipes/nano.sh                      # 42-61 min on 2 bf16 CPU cores; files in runs/nano/
 #     THREADS=1 bash recipes/nano.sh            # on a machine someone else is using too (see below)
 #     WORK=/tmp/nano OUT=/tmp/nano-ship bash recipes/nano.sh   # elsewhere; OUT is what
 #                                                              # sample.py --ckpt takes
-#     SEED=2 WORK=/tmp/nano2 OUT=/tmp/nano2-ship bash recipes/nano.sh  # another draw of everything
+#     SEED=1 WORK=/tmp/nano1 OUT=/tmp/nano1-ship bash recipes/nano.sh  # another draw of everything
 #                                                                      # random: run-to-run spread
 #     VQ=checkpoints/nano/vq OUT=/tmp/ship bash recipes/nano.sh   # stage 2 copies this tokenizer:
 #                                                                 # 12 min less

@@ -229,6 +229,11 @@ def test_best_is_the_policy_of_the_best_validation_and_survives_a_resume(tiny, t
     resumed = Transformer.from_pretrained(tmp_path / "b" / "best").state_dict()
     assert all(torch.equal(best[k], resumed[k]) for k in best)
     assert [r["validation"] for r in read_log(tmp_path / "b")] == scores
+    # another run's best in --out is not taken for this run's
+    (tmp_path / "c" / "best").mkdir(parents=True)
+    (tmp_path / "c" / "best" / "validation.json").write_text('{"step": 99}')
+    grpo.main([*argv[:-7], "--steps", "1", "--no-progress", "--out", str(tmp_path / "c")])
+    assert not (tmp_path / "c" / "best").exists()
 
 
 @pytest.mark.parametrize("flags, word", [(["--group", "1"], "--group"),
