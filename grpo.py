@@ -67,7 +67,7 @@ beta = 0 skips the uninformative groups). Rank 0 logs and saves. A 2-process run
 step's randomness (captions, image seeds) derives from (--seed, step), so a resumed run repeats
 the uninterrupted one. With --val-every N, rank 0 scores the policy every N steps on shapes.py's
 validation prompts, which RL never draws, and {out}/best holds the best-scoring policy of steps N,
-2N, ... (its validation.json says which): the nano recipe ships that one, not the last.
+2N, ... and the last (its validation.json says which): the nano recipe ships that one.
 """
 import copy
 import functools
@@ -178,7 +178,8 @@ def get_parser():
     g.add_argument("--val-every", type=int, default=0, metavar="N",
                    help="every N steps, score the policy on shapes.py's validation prompts "
                    "(GenEval-nano at the checkpoint's own sampling settings, the same image seeds "
-                   "each time) and keep the best so far in {out}/best; 0: off")
+                   "each time) and at the last step, and keep the best so far in {out}/best; "
+                   "0: off")
     g.add_argument("--val-n", type=int, default=4, help="images per validation prompt")
     p.add_argument("--resume", nargs="?", const="auto",
                    help="continue from a grpo.py checkpoint directory, or (no value / auto) from "
@@ -731,7 +732,7 @@ def grpo(args, rank, world, device):
 
         # validation (rank 0): RL's reward can collapse late in a run (recipes/nano.md), so the
         # best policy so far is kept aside, chosen on prompts RL never draws
-        if args.val_every and step % args.val_every == 0 and master:
+        if args.val_every and (step % args.val_every == 0 or step == args.steps) and master:
             refresh()
             report = validate(roller, tok, vq, val_prompts, size, args.val_n, val_settings, P * G,
                               speculative)

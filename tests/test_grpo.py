@@ -198,8 +198,9 @@ def test_run_writes_checkpoints_and_resumed_equals_uninterrupted(tiny, tmp_path,
 
 def test_best_is_the_policy_of_the_best_validation_and_survives_a_resume(tiny, tmp_path,
                                                                          monkeypatch):
-    """--val-every 1: every step's validation is logged, {out}/best holds the weights of the step
-    that scored highest (the earliest of ties), and an interrupted, resumed run keeps the same."""
+    """--val-every 2 over 5 steps: steps 2, 4 and the last are validated and logged, {out}/best
+    holds the weights of the step that scored highest (the earliest of ties), and an interrupted,
+    resumed run keeps the same."""
     lm, vq = tiny
     monkeypatch.setattr(grpo, "geneval_reward",
                         lambda captions, images: images.mean(axis=(2, 3, 4)) / 255)
@@ -209,16 +210,18 @@ def test_best_is_the_policy_of_the_best_validation_and_survives_a_resume(tiny, t
         overall=float(np.mean([np.mean(i) for imgs in images for i in imgs])) / 255,
         categories={"two_object": dict(accuracy=0.5, images=len(images))}))
     argv = ["--ckpt", lm, "--vq", vq, "--size", "32", "--prompts-per-step", "3", "--group", "2",
-            "--temperature", "5", "--lr", "3e-2", "--beta", "0", "--steps", "4", "--save-every",
-            "1", "--keep", "0", "--val-every", "1", "--val-n", "1", "--dtype", "float32",
+            "--temperature", "5", "--lr", "1e-2", "--beta", "0", "--steps", "5", "--save-every",
+            "1", "--keep", "0", "--val-every", "2", "--val-n", "1", "--dtype", "float32",
             "--no-progress"]
     grpo.main([*argv, "--out", str(tmp_path / "a")])
-    grpo.main([*argv, "--out", str(tmp_path / "b"), "--stop-after", "2"])
+    grpo.main([*argv, "--out", str(tmp_path / "b"), "--stop-after", "3"])
     grpo.main([*argv, "--out", str(tmp_path / "b"), "--resume"])
-    scores = [r["validation"] for r in read_log(tmp_path / "a")]
-    assert len(scores) == 4 and len(set(scores)) > 1
+    validated = [(r["step"], r["validation"]) for r in read_log(tmp_path / "a")
+                 if "validation" in r]
+    steps, scores = zip(*validated)
+    assert steps == (2, 4, 5) and len(set(scores)) > 1
     chosen = json.loads((tmp_path / "a" / "best" / "validation.json").read_text())
-    assert chosen["step"] == 1 + int(np.argmax(scores))
+    assert chosen["step"] == steps[int(np.argmax(scores))]
     assert round(chosen["overall"], 4) == max(scores)
     best = Transformer.from_pretrained(tmp_path / "a" / "best").state_dict()
     then = Transformer.from_pretrained(tmp_path / "a" / f"step_{chosen['step']:07d}").state_dict()
@@ -228,7 +231,8 @@ def test_best_is_the_policy_of_the_best_validation_and_survives_a_resume(tiny, t
     assert json.loads((tmp_path / "b" / "best" / "validation.json").read_text()) == chosen
     resumed = Transformer.from_pretrained(tmp_path / "b" / "best").state_dict()
     assert all(torch.equal(best[k], resumed[k]) for k in best)
-    assert [r["validation"] for r in read_log(tmp_path / "b")] == scores
+    assert [(r["step"], r["validation"]) for r in read_log(tmp_path / "b")
+            if "validation" in r] == validated
     # another run's best in --out is not taken for this run's
     (tmp_path / "c" / "best").mkdir(parents=True)
     (tmp_path / "c" / "best" / "validation.json").write_text('{"step": 99}')
@@ -370,6 +374,8 @@ import sys
 import grpo
 grpo.REWARDS["bright"] = lambda args, device: lambda c, images: (
     images.astype("int64").sum(axis=(2, 3, 4)) % 5 / 4)
+grpo.shapes.evaluate = lambda prompts, images: dict(
+    overall=sum(i.mean() for imgs in images for i in imgs) / len(images) / 255, categories={})
 grpo.main(sys.argv[1:])
 """
 
@@ -384,14 +390,19 @@ def grpo_args(lm, vq, out, *more):
 
 def test_two_processes_equal_one(tiny, tmp_path, monkeypatch):
     """Ranks split the 3 groups 2 + 1, gather the rewards and sum their gradients: the weights
-    after 2 steps equal one process's within 1e-5, and the logs agree."""
+    after 2 steps equal one process's within 1e-5, and the logs agree. Rank 0 validates after
+    each step while rank 1 waits, and keeps the same best as one process."""
     lm, vq = tiny
     monkeypatch.setitem(grpo.REWARDS, "bright", lambda args, device: lambda c, images:
                         images.astype("int64").sum(axis=(2, 3, 4)) % 5 / 4)
-    grpo.main(grpo_args(lm, vq, tmp_path / "one"))
+    # validation by brightness too (the tiny model draws no scene): DIST's
+    monkeypatch.setattr(grpo.shapes, "evaluate", lambda prompts, images: dict(
+        overall=sum(i.mean() for imgs in images for i in imgs) / len(images) / 255, categories={}))
+    val = ["--val-every", "1", "--val-n", "1"]
+    grpo.main(grpo_args(lm, vq, tmp_path / "one", *val))
     (tmp_path / "dist.py").write_text(DIST)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(tmp_path / "dist.py"), *grpo_args(lm, vq, tmp_path / "two")]
+           str(tmp_path / "dist.py"), *grpo_args(lm, vq, tmp_path / "two", *val)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -405,6 +416,13 @@ def test_two_processes_equal_one(tiny, tmp_path, monkeypatch):
     for x, y in zip(a, b, strict=True):
         assert x["reward"] == y["reward"] and x["forwarded"] == y["forwarded"] == 9
         assert x["kl"] == pytest.approx(y["kl"], abs=1e-6)
+        assert x["validation"] == pytest.approx(y["validation"], abs=1e-4)
+    chosen = [json.loads((tmp_path / d / "best" / "validation.json").read_text())
+              for d in ("one", "two")]
+    assert chosen[0]["step"] == chosen[1]["step"]
+    one, two = (Transformer.from_pretrained(tmp_path / d / "best").state_dict()
+                for d in ("one", "two"))
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
 
 
 def test_resume_with_a_prompts_file_equals_uninterrupted(tiny, tmp_path, monkeypatch):
