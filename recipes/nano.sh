@@ -61,7 +61,7 @@ LM_BATCH=${LM_BATCH:-16}
 RL_STEPS=${RL_STEPS:-200}
 RL_PROMPTS=${RL_PROMPTS:-16}
 RL_GROUP=${RL_GROUP:-8}
-# RL's best policy on the validation prompts among steps N, 2N, ... is shipped, not its last step
+# RL's best policy on the validation prompts among steps N, 2N, ... and the last is shipped
 # (grpo.py --val-every N; 0: the last): at seed 0 with a compiled LM the reward fell after step 120
 # and validation went 0.867 (step 40) -> 0.575 (step 200) (nano.md)
 RL_VAL_EVERY=${RL_VAL_EVERY:-20}
