@@ -67,7 +67,8 @@ beta = 0 skips the uninformative groups). Rank 0 logs and saves. A 2-process run
 step's randomness (captions, image seeds) derives from (--seed, step), so a resumed run repeats
 the uninterrupted one. With --val-every N, rank 0 scores the policy every N steps on shapes.py's
 validation prompts, which RL never draws, and {out}/best holds the best-scoring policy of steps N,
-2N, ... and the last (its validation.json says which): the nano recipe ships that one.
+2N, ... and the last (its validation.json says which): the nano recipe ships that one. A run
+resumed with a larger --steps keeps the earlier last step's validation among the candidates.
 """
 import copy
 import functools
