@@ -652,13 +652,14 @@ def grpo(args, rank, world, device):
         sched.load_state_dict(state["scheduler"])
         step, best = state["step"], state.get("best")
     # {out}/best must be this run's: another run's, or one from steps a resumed run replays, goes
-    kept = os.path.join(args.out, "best", "validation.json")
-    if master and os.path.isdir(os.path.join(args.out, "best")):
+    best_dir = os.path.join(args.out, "best")
+    kept = os.path.join(best_dir, "validation.json")
+    if master and os.path.isdir(best_dir):
         ours = best is not None and os.path.isfile(kept) and json.loads(
             Path(kept).read_text(encoding="utf-8"))["step"] == best["step"]
         if not ours:
-            warn(PROG, f"removing {os.path.join(args.out, 'best')}: not this run's best")
-            shutil.rmtree(os.path.join(args.out, "best"))
+            warn(PROG, f"removing {best_dir}: not this run's best")
+            shutil.rmtree(best_dir)
             best = None
 
     def refresh():  # the rollout copy takes the policy's weights
@@ -742,7 +743,7 @@ def grpo(args, rank, world, device):
                 best = dict(step=step, overall=report["overall"],
                             categories={k: v["accuracy"] for k, v in report["categories"].items()})
                 text = json.dumps(dict(best, val_n=args.val_n, seed=VAL_SEED), indent=1) + "\n"
-                train.save_model_dir(os.path.join(args.out, "best"), model, tok, aux,
+                train.save_model_dir(best_dir, model, tok, aux,
                                      lambda d: Path(d, "validation.json").write_text(text))
             bar.write(f"step {step}: validation {report['overall']:.3f}, the best "
                       f"{best['overall']:.3f} at step {best['step']}")
