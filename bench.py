@@ -690,8 +690,11 @@ def bench_jacobi(a):
                ("random init, coupling", dict(init="random", **chain)),
                ("above init, coupling", dict(init="above", **chain)),
                ("left init, coupling", chain),
-               ("left, coupling, --branches 3", dict(branches=(3,))),
-               ("left, coupling, --branches 5", dict(branches=(5,)))]
+               ("left, coupling, --branches 5", dict(branches=(5,), guess_left=False,
+                                                      row_chain=False)),
+               ("  + left guess", dict(branches=(5,), row_chain=False)),
+               ("  + void rows chain", dict(branches=(5,), guess_left=False)),
+               ("  + both (default from W 16)", dict(branches=(5,)))]
     side = vq.config.resolution // vq.spatial_compression
     tokens = side * side
     print(f"nano model, {len(prompts)} prompts x {a.n} images, {tokens} tokens each, "

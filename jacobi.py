@@ -43,6 +43,15 @@ What this file does beyond SJD's published form, each an option:
   commits a nano image's long uniform runs: five candidates for the first position take fewer
   forwards than the chain in windows of 16 and 32 and more in windows of 4 and 8 (README, `bench.py
   jacobi`). So the default is that tree from a window of 16, a chain below.
+* in a tree, the left guess (`guess_left`): the first position's second candidate is the last
+  committed code, a guess fixed before the forward and so verified with a one-hot proposal in the
+  same recursive rejection (exact); the candidates after it are drawn from q without it. The left
+  neighbour is p's top code in a quarter of the first position's misses.
+* in a tree, rows that run the chain (`row_chain`): a row whose extra candidates are all void (its
+  first draft a guess, whose one-hot q leaves nothing to draw, and the left guess its draft) runs
+  the chain in that forward, the slots it would waste holding drafts. Per-row attention masks;
+  both layouts are verified and each row takes its own. The layout follows from the row's own
+  drafts, so a row still does not depend on its batch.
 
 p is the sampling pipeline of sample.py (repetition penalty over the prefix each slot assumes,
 guidance, temperature, top-k, top-p), in float32. Randomness: image i reads its own stream of
@@ -70,13 +79,18 @@ class Jacobi:
     initial draft of a new position, one of INITS. coupling: keep unreached drafts by maximal
     coupling instead of redrawing them. branches: candidates per node at the window's first
     levels, a tree (see Tree; () or (1,) is SJD's chain); None: TREE for windows of at least
-    TREE_FROM positions, a chain below, which has too few slots to spare (bench.py jacobi). Raises
-    ValueError naming a bad option."""
+    TREE_FROM positions, a chain below, which has too few slots to spare (bench.py jacobi).
+    guess_left: in a tree, the first drafted position's second candidate is the last committed
+    code, a fixed guess. row_chain: in a tree, a row whose extra candidates are all void (its q's
+    hold no mass beyond its drafts: a guess) runs the chain instead, its own layout per forward.
+    Raises ValueError naming a bad option."""
 
     window: int = 16
     init: str = "left"
     coupling: bool = True
     branches: tuple | None = None
+    guess_left: bool = True
+    row_chain: bool = True
 
     def __post_init__(self):
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
@@ -133,6 +147,11 @@ def add_args(p):
                    help="candidates per node at the window's first levels, a tree (SJD-PAC's "
                    f"proactive drafting; 1: a chain, as SJD; default {','.join(map(str, TREE))} "
                    f"for windows of {TREE_FROM} or more, else 1)")
+    g.add_argument("--no-guess-left", action="store_true",
+                   help="in a tree, draw the first position's second candidate from q too, not "
+                   "the last committed code")
+    g.add_argument("--no-row-chain", action="store_true",
+                   help="in a tree, keep the tree in rows whose extra candidates are all void")
 
 
 def from_args(args) -> "Jacobi | None":
@@ -140,7 +159,9 @@ def from_args(args) -> "Jacobi | None":
     bad or cannot apply (a Jacobi option without --jacobi; --jacobi with --compile, which compiles
     the one-token step)."""
     flags = (("--window", args.window), ("--draft-init", args.draft_init),
-             ("--no-coupling", args.no_coupling or None), ("--branches", args.branches))
+             ("--no-coupling", args.no_coupling or None), ("--branches", args.branches),
+             ("--no-guess-left", args.no_guess_left or None),
+             ("--no-row-chain", args.no_row_chain or None))
     given = [name for name, value in flags if value is not None]
     if not args.jacobi:
         if given:
@@ -149,9 +170,10 @@ def from_args(args) -> "Jacobi | None":
     if getattr(args, "compile", False):
         raise ValueError("--compile compiles the one-token step, which --jacobi does not run: "
                          "drop one of them")
-    coupling = False if args.no_coupling else None
-    options = dict(window=args.window, init=args.draft_init, coupling=coupling,
-                   branches=args.branches)
+    off = lambda flag: False if flag else None  # noqa: E731
+    options = dict(window=args.window, init=args.draft_init, coupling=off(args.no_coupling),
+                   branches=args.branches, guess_left=off(args.no_guess_left),
+                   row_chain=off(args.no_row_chain))
     return Jacobi(**{k: v for k, v in options.items() if v is not None})
 
 
@@ -211,6 +233,7 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
     W = jacobi.window
     J = W - 1  # drafted positions ahead of the last committed token
     tree = Tree(W, jacobi.branches, device)
+    chain = Tree(W, (), device) if jacobi.row_chain and tree.mask is not None else None
     width = width or max(1, round(n_tokens ** 0.5))
     vocab = (first_id, first_id + K)
     logits, ends = sample.prefill(model, prompts, negative, vocab, n_tokens + W, sampling)
@@ -252,33 +275,52 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
         drafts = torch.where(fresh, guess, drafts)
         q = torch.where(fresh[..., None], F.one_hot(drafts, K).to(q.dtype), q)
         # the window: the last committed code, then each node's candidate, at consecutive columns
-        tokens, proposal, void = tree.candidates(codes.gather(1, (n - 1)[:, None]), drafts, q,
-                                                 u_extra)
+        root = codes.gather(1, (n - 1)[:, None])
+        guess = root[:, 0] if jacobi.guess_left else None
+        tokens, proposal, void = tree.candidates(root, drafts, q, u_extra, guess)
+        ancestry, lone = tree.ancestry, None
+        if chain is not None:  # a row whose extra candidates are all void runs the chain
+            lone = void[:, tree.extra_nodes].all(1)  # [N]
+            tokens = torch.where(lone[:, None], torch.cat([root, drafts], 1), tokens)
+            proposal = torch.where(lone[:, None, None], torch.cat([proposal[:, :1], q], 1),
+                                   proposal)
+            void = void & ~lone[:, None]
+            ancestry = torch.where(lone[:, None, None], chain.ancestry, tree.ancestry)
         cols = ends[:, None] + (n[:, None] - 1 + slots).repeat(cfg_rows, 1)  # [R, W]
         kv_len = top + int(n.max()) + W - 1  # the furthest row's last column, for eager attention
+        mask = None if tree.mask is None else ancestry.expand(N, W, W).repeat(cfg_rows, 1, 1)
         out = model(first_id + tokens.repeat(cfg_rows, 1), input_pos=cols, vocab=vocab,
-                    kv_len=kv_len, tree=tree.mask)  # [R, W, K]
+                    kv_len=kv_len, tree=mask)  # [R, W, K]
         uncond = out[N:] if sampling.guided else None
-        assumed = window_seen(seen, tokens, tree, sampling)
+        assumed = window_seen(seen, tokens, ancestry, sampling)
         p = torch.softmax(guided_scores(out[:N], uncond, assumed, sampling), dim=-1)  # [N, W, K]
         # node v's logits give the position after it; its children are tried there, in order
         path, end, last = tree.verify(p, tokens, proposal, void, u_accept, u_draw)
+        below = tree.below
+        if lone is not None:  # the chain's rows take its verification (the same uniforms)
+            path = F.pad(path, (0, J - tree.height), value=-1)
+            by_chain = chain.verify(p, tokens, proposal, void, u_accept, u_draw)
+            path, end, last = (torch.where(lone.view(-1, *[1] * (x.dim() - 1)), y, x)
+                               for x, y in zip((path, end, last), by_chain))
+            below = torch.where(lone[:, None, None], chain.below, tree.below)  # [N, W, J]
         a = (path >= 0).sum(1)  # candidates accepted along the path
         c = torch.minimum(a + 1, n_tokens - n) * active  # committed, clipped at the image's end
+        H = path.shape[1]
         window = torch.zeros(N, W, dtype=torch.long, device=device)
-        window[:, :tree.height] = tokens.gather(1, path.clamp(min=0))
+        window[:, :H] = tokens.gather(1, path.clamp(min=0))
         window = window.scatter(1, a[:, None], last[:, None])
         keep = slots[None] < c[:, None]  # [N, W]
         at = n[:, None] + slots
         codes.scatter_(1, at, torch.where(keep, window, codes.gather(1, at)))
         seen |= torch.zeros(N, K, device=device).scatter_add_(1, window, keep.float()) > 0
         if tree.mask is not None:  # the path's keys to the columns of their positions
-            levels = torch.arange(1, tree.height + 1, device=device)
+            levels = torch.arange(1, H + 1, device=device)
             src = torch.where(path >= 0, path, levels)  # past the path: a column onto itself
             base = (ends - 1)[:, None] + n.repeat(cfg_rows)[:, None]
             model.cache.move(base + src.repeat(cfg_rows, 1), base + levels)
         # the next drafts: position n + c + s takes p from a node below `end` (Tree.below)
-        below = tree.below[end]  # [N, J] node whose p is that position's, -1 past the tree
+        below = below[end] if below.dim() == 2 else below[images, end]  # [N, J] node whose p
+        # is that position's, -1 past the tree
         drawn = below >= 0
         p_next = p.gather(1, below.clamp(min=0)[..., None].expand(-1, -1, K))
         sampled = draft_from(p_next, u_tail)
@@ -368,14 +410,18 @@ class Tree:
         self.below = below.to(device)
         self.extra = sorted({(level[t] - 1, rank[t]): t for t in range(W - 1, 0, -1)
                              if rank[t] > 0}.items())
+        self.extra_nodes = [t for t in range(W) if rank[t] > 0]
         self.slots_of = {jr: [t for t in range(W) if (level[t] - 1, rank[t]) == jr]
                          for jr, _ in self.extra}
 
-    def candidates(self, root, drafts, q, u):
+    def candidates(self, root, drafts, q, u, guess=None):
         """Every node's token, the distribution that drew it and whether it is void (a position's q
         had no mass left for it): root [N, 1], drafts [N, J], q [N, J, K], u [N, W] → tokens [N,
         W], proposal [N, W, K], void [N, W] bool. A node of rank r holds its position's r-th
-        candidate: the draft (r = 0), else a draw from q without the candidates before it."""
+        candidate: the draft (r = 0), else a draw from q without the candidates before it.
+        guess [N] long: the first position's candidate of rank 1 is this code instead, a fixed
+        guess (one-hot proposal), void where it repeats the draft; later ranks draw from q
+        without it."""
         N, J, K = q.shape
         lev = (self.level - 1).clamp(min=0)
         tokens = torch.cat([root, drafts.gather(1, lev[None, 1:].expand(N, -1))], dim=1)
@@ -389,11 +435,15 @@ class Tree:
             total = mass.sum(-1, keepdim=True)
             gone = gone | (total[:, 0] <= 0)
             draw = invert_cdf(mass, u[:, t])
+            prop, empty = mass / total.clamp(min=1e-30), gone
+            if guess is not None and (j, r) == (0, 1):
+                draw, prop = guess, F.one_hot(guess, K).to(q.dtype)
+                empty = guess == drafts[:, 0]
             state[j] = (mass, gone, draw)
             nodes = self.slots_of[(j, r)]
             tokens[:, nodes] = draw[:, None]
-            proposal[:, nodes] = (mass / total.clamp(min=1e-30))[:, None]
-            void[:, nodes] = gone[:, None]
+            proposal[:, nodes] = prop[:, None]
+            void[:, nodes] = empty[:, None]
         return tokens, proposal, void
 
     def verify(self, p, tokens, proposal, void, u_accept, u_draw):
@@ -437,15 +487,15 @@ class Tree:
         return path, end, last
 
 
-def window_seen(seen, tokens, tree, sampling):
+def window_seen(seen, tokens, ancestry, sampling):
     """[N, W, K] bool: the codes node t's repetition penalty sees, the committed ones and the
     candidates on its path (the prefix it assumes: its ancestors but the root, and itself), or
     seen [N, 1, K] when there is no penalty. seen [N, K] bool; tokens [N, W], the nodes of a
-    Tree."""
+    Tree; ancestry [W, W] or [N, W, W] bool, its Tree.ancestry (per row)."""
     if sampling.repetition_penalty == 1.0:
         return seen[:, None]
-    path = tree.ancestry.clone()
-    path[:, 0] = False  # the root is committed: in seen already
+    path = ancestry.clone()
+    path[..., 0] = False  # the root is committed: in seen already
     on_path = path.float() @ F.one_hot(tokens, seen.shape[-1]).float()  # [N, W, K]
     return seen[:, None] | (on_path > 0)
 

@@ -43,7 +43,8 @@ def lm():
 @pytest.mark.parametrize("window", [1, 2, 4, 16, 40])
 @pytest.mark.parametrize("options", [dict(), dict(init="above"), dict(init="left", coupling=False),
                                      dict(init="random", coupling=True), dict(branches=(3,)),
-                                     dict(init="above", branches=(2, 2))])
+                                     dict(init="above", branches=(2, 2)),
+                                     dict(branches=(3,), guess_left=False, row_chain=False)])
 def test_greedy_equals_plain_decoding(lm, window, options):
     """top-k 1 makes every step an argmax: Jacobi must give plain decoding's codes, whatever the
     window (40 is clipped to the 16 tokens), the initial drafts, the coupling and the batch."""
@@ -215,11 +216,13 @@ def test_the_test_sees_a_two_point_bias(small):
                                      Jacobi(3, "left"), Jacobi(),
                                      Jacobi(4, "random", coupling=False, branches=(3,)),
                                      Jacobi(branches=(2, 2)), Jacobi(branches=(2,)),
-                                     Jacobi(5, branches=(4,))])
+                                     Jacobi(5, branches=(4,)), Jacobi(5, "above", branches=(3,)),
+                                     Jacobi(5, branches=(4,), guess_left=False, row_chain=False)])
 def test_jacobi_samples_have_plain_decodings_distribution(small, options):
     """Every option, trees too (the window of 5 cuts (2, 2) to a root, two candidates and two
     under the first; (2,) is a root, two candidates and a chain of two under the first; (4,) in a
-    window of 5 is a root and four candidates)."""
+    window of 5 is a root and four candidates), with the left guess and rows that run the chain
+    (after "above" initial drafts the guess is often live) and without them."""
     model, exact = small
     codes = jacobi.generate(model, [PROMPT] * SAMPLES, NEGATIVE, TEXT, K, LENGTH, range(SAMPLES),
                             SETTINGS, options, width=2, progress=False)
@@ -244,8 +247,8 @@ def test_extra_candidates_verified_against_q_itself_are_caught(small, monkeypatc
     model, exact = small
     right = jacobi.Tree.candidates
 
-    def wrong(self, root, drafts, q, u):
-        tokens, proposal, void = right(self, root, drafts, q, u)
+    def wrong(self, root, drafts, q, u, guess=None):
+        tokens, proposal, void = right(self, root, drafts, q, u, guess)
         lev = (self.level - 1).clamp(min=0)
         return tokens, torch.cat([proposal[:, :1], q[:, lev[1:]]], dim=1), void
 
@@ -257,24 +260,39 @@ def test_extra_candidates_verified_against_q_itself_are_caught(small, monkeypatc
     assert failures
 
 
-def first_codes(tree, p, q, drafts, gen):
-    """The code one forward commits first, for N rows of one window: candidates from drafts and q,
-    then the tree's verification with fresh uniforms."""
+def first_codes(tree, p, q, drafts, gen, guess=False):
+    """The code one forward commits first, for N rows of one window: candidates from drafts and q
+    (the root's code, 0, as the left guess if guess), then the tree's verification with fresh
+    uniforms."""
     N, W, _ = p.shape
     u = lambda: torch.rand(N, W, generator=gen)  # noqa: E731
-    tokens, proposal, void = tree.candidates(torch.zeros(N, 1, dtype=torch.long), drafts, q, u())
+    root = torch.zeros(N, 1, dtype=torch.long)
+    tokens, proposal, void = tree.candidates(root, drafts, q, u(), root[:, 0] if guess else None)
     path, _, last = tree.verify(p, tokens, proposal, void, u(), u())
     return torch.where(path[:, 0] >= 0, tokens.gather(1, path[:, :1].clamp(min=0))[:, 0], last)
 
 
-@pytest.mark.parametrize("broken", [False, True])
-def test_candidates_recursive_rejection_gives_p(monkeypatch, broken):
+@pytest.mark.parametrize("broken,guess", [(None, False), (None, True), ("no residual", False),
+                                          ("no residual", True), ("guess as a draw", True)])
+def test_candidates_recursive_rejection_gives_p(monkeypatch, broken, guess):
     """Three candidates for one position (its draft from q, then two more from q without
     replacement; rows whose q is one-hot have no more), each tried against the residual the
     misses before it left: the code kept is distributed as p exactly, 400,000 rows against p by a
-    chi-square test. Trying them all against p itself (no residual) is caught."""
-    if broken:
+    chi-square test. With the guess, the second is the root's code (a one-hot proposal; live in
+    the one-hot rows too) and the third is drawn from q without both. Caught: trying them all
+    against p itself (no residual), and verifying the guess as if q had drawn it."""
+    if broken == "no residual":
         monkeypatch.setattr(jacobi, "residual", lambda target, proposal: target)
+    if broken == "guess as a draw":
+        right = jacobi.Tree.candidates
+
+        def wrong(self, root, drafts, q, u, guess=None):
+            tokens, proposal, void = right(self, root, drafts, q, u, guess)
+            mass = q[:, 0].scatter(1, drafts[:, :1], 0.0)
+            proposal[:, 2] = mass / mass.sum(-1, keepdim=True).clamp(min=1e-30)
+            return tokens, proposal, void
+
+        monkeypatch.setattr(jacobi.Tree, "candidates", wrong)
     gen = torch.Generator().manual_seed(0)
     N, K = 400_000, 5
     tree = jacobi.Tree(4, (3,), "cpu")
@@ -282,11 +300,29 @@ def test_candidates_recursive_rejection_gives_p(monkeypatch, broken):
     q = torch.tensor([0.1, 0.1, 0.3, 0.3, 0.2]).repeat(N, 3, 1)
     q[N // 2:] = F.one_hot(torch.tensor(2), K).float()  # a guess: its draft is all there is
     drafts = sample.invert_cdf(q, torch.rand(N, 3, generator=gen))
-    codes = first_codes(tree, p, q, drafts, gen)
+    codes = first_codes(tree, p, q, drafts, gen, guess)
     counts = torch.bincount(codes, minlength=K).double()
     want = p[0, 0].double() * N
     stat = float(((counts - want) ** 2 / want).sum())
-    assert (stat > chi2_quantile(K - 1, 1 - 1e-3)) == broken, stat
+    assert (stat > chi2_quantile(K - 1, 1 - 1e-3)) == (broken is not None), stat
+
+
+def test_rows_with_only_void_candidates_run_the_chain(lm):
+    """Greedy decoding makes every q one-hot, so a tree's extra candidates are all void: without
+    the left guess, every row runs the chain, forward for forward; kept as a tree, the void
+    candidates cost the chain's last slots and so more forwards."""
+    s = Sampling(guidance_scale=3.0, top_k=1)
+    prompts = PROMPTS * 4
+    counts = {}
+    for name, options in [("chain", dict(branches=())), ("rows", dict(guess_left=False)),
+                          ("tree", dict(guess_left=False, row_chain=False))]:
+        stats = Stats()
+        codes = jacobi.generate(lm, prompts, NEGATIVE, TEXT, 64, 48, range(16), s,
+                                Jacobi(**options), width=8, stats=stats, progress=False)
+        counts[name] = (codes, stats.forwards)
+    assert torch.equal(counts["rows"][0], counts["chain"][0])
+    assert counts["rows"][1] == counts["chain"][1]
+    assert sum(counts["tree"][1]) > sum(counts["chain"][1]), counts
 
 
 def test_tree_layout():
@@ -313,6 +349,8 @@ def test_branches_from_the_command_line():
     jacobi.add_args(p)
     assert jacobi.from_args(p.parse_args(["--jacobi", "--branches", "3,2"])).branches == (3, 2)
     assert jacobi.from_args(p.parse_args(["--jacobi"])) == Jacobi()
+    args = p.parse_args(["--jacobi", "--no-guess-left", "--no-row-chain"])
+    assert jacobi.from_args(args) == Jacobi(guess_left=False, row_chain=False)
 
 
 @pytest.mark.parametrize("kw,match", [(dict(window=0), "window"), (dict(window=2.5), "window"),

@@ -320,6 +320,7 @@ def test_sampling_defaults_from_generation_config(ckpts, tmp_path):
     (["--prompt", "a cat", "--no-coupling"], "--no-coupling applies to Jacobi decoding only"),
     (["--prompt", "a cat", "--jacobi", "--branches", "3,0"], "integers >= 1 separated by commas"),
     (["--prompt", "a cat", "--branches", "3"], "--branches applies to Jacobi decoding only"),
+    (["--prompt", "a cat", "--no-row-chain"], "--no-row-chain applies to Jacobi decoding only"),
     (["--prompt", "a cat", "--jacobi", "--compile"], "--jacobi does not run: drop one of them"),
     (["--prompt", "a cat", "--batch-size", "0"], "batch size (0) must be >= 1"),
     (["--prompt", "a cat", "--seed", str(2 ** 64)], "seed must be in [0, 2^63 - n]"),
