@@ -157,7 +157,7 @@ def add_args(p):
 def from_args(args) -> "Jacobi | None":
     """The Jacobi options the flags ask for, None without --jacobi. ValueError for an option that is
     bad or cannot apply (a Jacobi option without --jacobi; --jacobi with --compile, which compiles
-    the one-token step)."""
+    the one-token step; a tree's option where the window runs a chain)."""
     flags = (("--window", args.window), ("--draft-init", args.draft_init),
              ("--no-coupling", args.no_coupling or None), ("--branches", args.branches),
              ("--no-guess-left", args.no_guess_left or None),
@@ -174,7 +174,13 @@ def from_args(args) -> "Jacobi | None":
     options = dict(window=args.window, init=args.draft_init, coupling=off(args.no_coupling),
                    branches=args.branches, guess_left=off(args.no_guess_left),
                    row_chain=off(args.no_row_chain))
-    return Jacobi(**{k: v for k, v in options.items() if v is not None})
+    jacobi = Jacobi(**{k: v for k, v in options.items() if v is not None})
+    tree_only = [name for name in ("--no-guess-left", "--no-row-chain") if name in given]
+    if tree_only and max(jacobi.resolve(jacobi.window).branches, default=1) < 2:
+        raise ValueError(f"{tree_only[0]} applies to a tree of candidates, which this window runs "
+                         f"without: add --branches K (K >= 2; the default from a window of "
+                         f"{TREE_FROM})")
+    return jacobi
 
 
 def branch_list(text):
