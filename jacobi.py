@@ -47,11 +47,12 @@ What this file does beyond SJD's published form, each an option:
   committed code, a guess fixed before the forward and so verified with a one-hot proposal in the
   same recursive rejection (exact); the candidates after it are drawn from q without it. The left
   neighbour is p's top code in a quarter of the first position's misses.
-* in a tree, rows that run the chain (`row_chain`): a row whose extra candidates are all void (its
-  first draft a guess, whose one-hot q leaves nothing to draw, and the left guess its draft) runs
-  the chain in that forward, the slots it would waste holding drafts. Per-row attention masks;
-  both layouts are verified and each row takes its own. The layout follows from the row's own
-  drafts, so a row still does not depend on its batch.
+* in a tree, rows that run the chain (`row_chain`): a row whose every candidate past a draft is
+  void (with the default (5,): its first draft a guess, whose one-hot q leaves nothing to draw,
+  and the left guess, if on, that draft) runs the chain in that forward, the slots it would waste
+  holding drafts. A forward whose rows differ takes per-row attention masks and verifies both
+  layouts, each row keeping its own. The layout follows from the row's own drafts, so a row
+  still does not depend on its batch.
 
 p is the sampling pipeline of sample.py (repetition penalty over the prefix each slot assumes,
 guidance, temperature, top-k, top-p), in float32. Randomness: image i reads its own stream of
@@ -81,8 +82,8 @@ class Jacobi:
     levels, a tree (see Tree; () or (1,) is SJD's chain); None: TREE for windows of at least
     TREE_FROM positions, a chain below, which has too few slots to spare (bench.py jacobi).
     guess_left: in a tree, the first drafted position's second candidate is the last committed
-    code, a fixed guess. row_chain: in a tree, a row whose extra candidates are all void (its q's
-    hold no mass beyond its drafts: a guess) runs the chain instead, its own layout per forward.
+    code, a fixed guess. row_chain: in a tree, a row whose every candidate past a draft is void
+    (no mass left in its q's, no live guess) runs the chain instead, its own layout per forward.
     Raises ValueError naming a bad option."""
 
     window: int = 16
@@ -175,11 +176,15 @@ def from_args(args) -> "Jacobi | None":
                    branches=args.branches, guess_left=off(args.no_guess_left),
                    row_chain=off(args.no_row_chain))
     jacobi = Jacobi(**{k: v for k, v in options.items() if v is not None})
-    tree_only = [name for name in ("--no-guess-left", "--no-row-chain") if name in given]
-    if tree_only and max(jacobi.resolve(jacobi.window).branches, default=1) < 2:
-        raise ValueError(f"{tree_only[0]} applies to a tree of candidates, which this window runs "
+    branches = jacobi.resolve(jacobi.window).branches
+    if "--no-row-chain" in given and max(branches, default=1) < 2:
+        raise ValueError(f"--no-row-chain applies to a tree of candidates, which this window runs "
                          f"without: add --branches K (K >= 2; the default from a window of "
                          f"{TREE_FROM})")
+    if "--no-guess-left" in given and branches[:1] < (2,):
+        raise ValueError(f"--no-guess-left applies to a tree with several first candidates, which "
+                         f"this window runs without: add --branches K (K >= 2; the default from a "
+                         f"window of {TREE_FROM})")
     return jacobi
 
 
@@ -284,31 +289,38 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
         root = codes.gather(1, (n - 1)[:, None])
         guess = root[:, 0] if jacobi.guess_left else None
         tokens, proposal, void = tree.candidates(root, drafts, q, u_extra, guess)
-        ancestry, lone = tree.ancestry, None
+        layout, ancestry, below = tree, tree.ancestry, tree.below
         if chain is not None:  # a row whose extra candidates are all void runs the chain
             lone = void[:, tree.extra_nodes].all(1)  # [N]
-            tokens = torch.where(lone[:, None], torch.cat([root, drafts], 1), tokens)
-            proposal = torch.where(lone[:, None, None], torch.cat([proposal[:, :1], q], 1),
-                                   proposal)
-            void = void & ~lone[:, None]
-            ancestry = torch.where(lone[:, None, None], chain.ancestry, tree.ancestry)
+            # host sync: verify only the layouts some active row runs
+            n_lone, n_tree = torch.stack([(lone & active).sum(), (~lone & active).sum()]).tolist()
+            if n_lone:
+                tokens = torch.where(lone[:, None], torch.cat([root, drafts], 1), tokens)
+                proposal = torch.where(lone[:, None, None], torch.cat([proposal[:, :1], q], 1),
+                                       proposal)
+                void = void & ~lone[:, None]
+                layout, ancestry, below = chain, chain.ancestry, chain.below
+            if n_lone and n_tree:  # both: a mask, a verification and a table per row
+                layout = None
+                ancestry = torch.where(lone[:, None, None], chain.ancestry, tree.ancestry)
+                below = torch.where(lone[:, None, None], chain.below, tree.below)  # [N, W, J]
         cols = ends[:, None] + (n[:, None] - 1 + slots).repeat(cfg_rows, 1)  # [R, W]
         kv_len = top + int(n.max()) + W - 1  # the furthest row's last column, for eager attention
-        mask = None if tree.mask is None else ancestry.expand(N, W, W).repeat(cfg_rows, 1, 1)
+        mask = ancestry.repeat(cfg_rows, 1, 1) if layout is None else layout.mask
         out = model(first_id + tokens.repeat(cfg_rows, 1), input_pos=cols, vocab=vocab,
                     kv_len=kv_len, tree=mask)  # [R, W, K]
         uncond = out[N:] if sampling.guided else None
         assumed = window_seen(seen, tokens, ancestry, sampling)
         p = torch.softmax(guided_scores(out[:N], uncond, assumed, sampling), dim=-1)  # [N, W, K]
         # node v's logits give the position after it; its children are tried there, in order
-        path, end, last = tree.verify(p, tokens, proposal, void, u_accept, u_draw)
-        below = tree.below
-        if lone is not None:  # the chain's rows take its verification (the same uniforms)
-            path = F.pad(path, (0, J - tree.height), value=-1)
+        if layout is not None:
+            path, end, last = layout.verify(p, tokens, proposal, void, u_accept, u_draw)
+        else:  # each row takes its layout's verification (the same uniforms)
+            by_tree = tree.verify(p, tokens, proposal, void, u_accept, u_draw)
             by_chain = chain.verify(p, tokens, proposal, void, u_accept, u_draw)
+            by_tree = (F.pad(by_tree[0], (0, J - tree.height), value=-1), *by_tree[1:])
             path, end, last = (torch.where(lone.view(-1, *[1] * (x.dim() - 1)), y, x)
-                               for x, y in zip((path, end, last), by_chain))
-            below = torch.where(lone[:, None, None], chain.below, tree.below)  # [N, W, J]
+                               for x, y in zip(by_tree, by_chain))
         a = (path >= 0).sum(1)  # candidates accepted along the path
         c = torch.minimum(a + 1, n_tokens - n) * active  # committed, clipped at the image's end
         H = path.shape[1]
@@ -319,7 +331,7 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
         at = n[:, None] + slots
         codes.scatter_(1, at, torch.where(keep, window, codes.gather(1, at)))
         seen |= torch.zeros(N, K, device=device).scatter_add_(1, window, keep.float()) > 0
-        if tree.mask is not None:  # the path's keys to the columns of their positions
+        if mask is not None:  # the path's keys to the columns of their positions
             levels = torch.arange(1, H + 1, device=device)
             src = torch.where(path >= 0, path, levels)  # past the path: a column onto itself
             base = (ends - 1)[:, None] + n.repeat(cfg_rows)[:, None]

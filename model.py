@@ -445,8 +445,9 @@ class Transformer(nn.Module):
         cache columns, rounded up to a multiple of KV_GRAIN (an eager speed-up; under
         torch.compile leave it None: static shapes).
 
-        tree [T, T] bool (with input_pos): the tokens are a tree of continuations, as speculative
-        decoding verifies (SpecInfer, arXiv 2305.09781): tree[t, s] says token s is token t or
+        tree [T, T] or, one per row, [B, T, T] bool (with input_pos): the tokens are a tree of
+        continuations, as speculative decoding verifies (SpecInfer, arXiv 2305.09781): tree[t, s]
+        says token s is token t or
         one of its ancestors (token 0, the root, has none). Token t then sees the columns before
         the root's and its ancestors' columns, and its RoPE position is the root's column plus
         its depth. The full lower triangle (a chain) is the plain causal window. Once a path is

@@ -309,20 +309,41 @@ def test_candidates_recursive_rejection_gives_p(monkeypatch, broken, guess):
 
 def test_rows_with_only_void_candidates_run_the_chain(lm):
     """Greedy decoding makes every q one-hot, so a tree's extra candidates are all void: without
-    the left guess, every row runs the chain, forward for forward; kept as a tree, the void
-    candidates cost the chain's last slots and so more forwards."""
-    s = Sampling(guidance_scale=3.0, top_k=1)
-    prompts = PROMPTS * 4
-    counts = {}
-    for name, options in [("chain", dict(branches=())), ("rows", dict(guess_left=False)),
-                          ("tree", dict(guess_left=False, row_chain=False))]:
-        stats = Stats()
-        codes = jacobi.generate(lm, prompts, NEGATIVE, TEXT, 64, 48, range(16), s,
-                                Jacobi(**options), width=8, stats=stats, progress=False)
-        counts[name] = (codes, stats.forwards)
-    assert torch.equal(counts["rows"][0], counts["chain"][0])
-    assert counts["rows"][1] == counts["chain"][1]
-    assert sum(counts["tree"][1]) > sum(counts["chain"][1]), counts
+    the left guess, every row runs the chain, forward for forward, on codes that vary (a
+    repetition penalty) and on uniform ones; kept as a tree, the void candidates of a uniform
+    image cost the chain's last slots, and so forwards."""
+    for penalty in (1.3, 1.0):
+        s = Sampling(guidance_scale=3.0, top_k=1, repetition_penalty=penalty)
+        runs = {}
+        for name, options in [("chain", dict(branches=())), ("rows", dict(guess_left=False)),
+                              ("tree", dict(guess_left=False, row_chain=False))]:
+            stats = Stats()
+            codes = jacobi.generate(lm, PROMPTS * 4, NEGATIVE, TEXT, 64, 48, range(16), s,
+                                    Jacobi(**options), width=8, stats=stats, progress=False)
+            runs[name] = (codes, stats.forwards)
+        assert torch.equal(runs["rows"][0], runs["chain"][0])
+        assert runs["rows"][1] == runs["chain"][1], penalty
+        if penalty > 1:
+            assert min(len(set(row)) for row in runs["chain"][0].tolist()) >= 10
+        else:
+            assert sum(runs["tree"][1]) > sum(runs["chain"][1])
+
+
+def test_window_seen_per_row_layouts():
+    """The codes each node's repetition penalty sees, with a chain row and a tree row in one
+    batch ([N, W, W] ancestry), against a loop over each node's ancestors."""
+    W, K = 6, 9
+    trees = [jacobi.Tree(W, (), "cpu"), jacobi.Tree(W, (3,), "cpu")]
+    ancestry = torch.stack([t.ancestry for t in trees])
+    tokens = torch.tensor([[0, 1, 2, 3, 4, 5], [1, 6, 7, 8, 2, 3]])
+    seen = torch.zeros(2, K, dtype=torch.bool)
+    seen[0, 8] = seen[1, 0] = True
+    got = jacobi.window_seen(seen, tokens, ancestry, Sampling(repetition_penalty=1.2))
+    for i, tree in enumerate(trees):
+        for t in range(W):
+            want = set(seen[i].nonzero()[:, 0].tolist())
+            want |= {int(tokens[i, s]) for s in range(1, W) if tree.ancestry[t, s]}
+            assert set(got[i, t].nonzero()[:, 0].tolist()) == want, (i, t)
 
 
 def test_tree_layout():
