@@ -337,8 +337,8 @@ def generate(model, prompts, negative, first_id, codebook_size, n_tokens, seeds,
             base = (ends - 1)[:, None] + n.repeat(cfg_rows)[:, None]
             model.cache.move(base + src.repeat(cfg_rows, 1), base + levels)
         # the next drafts: position n + c + s takes p from a node below `end` (Tree.below)
-        below = below[end] if below.dim() == 2 else below[images, end]  # [N, J] node whose p
-        # is that position's, -1 past the tree
+        # [N, J]: the node whose p is that position's, -1 past the tree
+        below = below[end] if below.dim() == 2 else below[images, end]
         drawn = below >= 0
         p_next = p.gather(1, below.clamp(min=0)[..., None].expand(-1, -1, K))
         sampled = draft_from(p_next, u_tail)
