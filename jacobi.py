@@ -177,14 +177,12 @@ def from_args(args) -> "Jacobi | None":
                    row_chain=off(args.no_row_chain))
     jacobi = Jacobi(**{k: v for k, v in options.items() if v is not None})
     branches = jacobi.resolve(jacobi.window).branches
-    if "--no-row-chain" in given and max(branches, default=1) < 2:
-        raise ValueError(f"--no-row-chain applies to a tree of candidates, which this window runs "
-                         f"without: add --branches K (K >= 2; the default from a window of "
-                         f"{TREE_FROM})")
-    if "--no-guess-left" in given and branches[:1] < (2,):
-        raise ValueError(f"--no-guess-left applies to a tree with several first candidates, which "
-                         f"this window runs without: add --branches K (K >= 2; the default from a "
-                         f"window of {TREE_FROM})")
+    needs = (("--no-row-chain", "a tree of candidates", max(branches, default=1) >= 2),
+             ("--no-guess-left", "a tree with several first candidates", branches[:1] >= (2,)))
+    for flag, what, runs in needs:
+        if flag in given and not runs:
+            raise ValueError(f"{flag} applies to {what}, which this window runs without: add "
+                             f"--branches K (K >= 2; the default from a window of {TREE_FROM})")
     return jacobi
 
 
